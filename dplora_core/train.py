@@ -1,0 +1,135 @@
+"""Local client training: plain mini-batch SGD or record-level DP-SGD on the LoRA weights.
+
+DP-SGD (Abadi et al. 2016) with Poisson sampling, so that each step is exactly the
+`PoissonSampledDpEvent(GaussianDpEvent(sigma))` the accountant composes:
+  1. sample each record with probability q (a logical batch of expected size B = q n),
+  2. per-example gradients g_i of the example's mean answer-token loss,
+  3. clip: g_i * min(1, C / ||g_i||),
+  4. noise: (sum_i clipped g_i + N(0, sigma^2 C^2 I)) / B,
+  5. optimizer step.
+The logical batch is processed in micro-batches (gradient accumulation), so B can be large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dplora_core.batching import IGNORE, Batch, Encoded, collate
+from dplora_core.model import backbone_and_head
+from dplora_core.privacy import mechanisms as M
+from dplora_core.privacy.accountant import DpSgdRun
+from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
+
+
+@dataclass(frozen=True)
+class DpSgdParams:
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C
+    sample_rate: float  # q
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    mean_loss: float  # mean per-example loss over the examples seen
+    steps: int
+    examples_seen: int
+    dp_run: DpSgdRun | None  # what the accountant must compose; None without DP
+
+
+def answer_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-example mean negative log-likelihood of the answer tokens: (b,).
+
+    The LM head runs only at the positions that predict an answer token.
+    """
+    backbone, head = backbone_and_head(model)
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (b,t,h)
+    target = batch.labels[:, 1:]  # (b, t-1): token t+1 is predicted at position t
+    is_answer = target != IGNORE  # (b, t-1)
+    logits = head(hidden[:, :-1][is_answer]).float()  # (n_answer, V)
+    nll = F.cross_entropy(logits, target[is_answer], reduction="none")  # (n_answer,)
+    rows = is_answer.nonzero()[:, 0]  # (n_answer,)
+    per_example = torch.zeros(batch.input_ids.shape[0], device=nll.device).index_add(0, rows, nll)  # (b,)
+    return per_example / is_answer.sum(dim=1).clamp(min=1)
+
+
+def plain_gradients(model: nn.Module, microbatches: Sequence[Batch], *, batch_size: int) -> float:
+    """Fill .grad with d/dtheta of (sum of per-example losses) / batch_size; return the loss sum."""
+    total = 0.0
+    for mb in microbatches:
+        loss = answer_nll(model, mb)  # (b,)
+        (loss.sum() / batch_size).backward()
+        total += float(loss.detach().sum())
+    return total
+
+
+def dp_gradients(
+    model: nn.Module,
+    microbatches: Sequence[Batch],
+    *,
+    dp: DpSgdParams,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> float:
+    """Fill .grad with (sum of clipped per-example grads + N(0, sigma^2 C^2)) / B; return the loss sum."""
+    modules = trainable_linears(model)
+    params = [m.weight for m in modules]
+    summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    total = 0.0
+    for mb in microbatches:
+        with per_example_grads(modules) as grads:
+            loss = answer_nll(model, mb)  # (b,)
+            loss.sum().backward()
+        samples = [grads[m] for m in modules]  # each (b, out, in)
+        factors = M.clip_factors(M.per_example_norms(samples), dp.max_grad_norm)  # (b,)
+        summed = [s + c for s, c in zip(summed, M.clipped_sum(samples, factors), strict=True)]
+        total += float(loss.detach().sum())
+    noised = M.add_gaussian_noise(summed, std=dp.noise_multiplier * dp.max_grad_norm, generator=generator)
+    for p, g in zip(params, noised, strict=True):
+        p.grad = (g / expected_batch_size).to(p.dtype)
+    return total
+
+
+def microbatch(items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device) -> list[Batch]:
+    return [collate(items[i : i + size], pad_id=pad_id).to(device) for i in range(0, len(items), size)]
+
+
+def train_local(
+    model: nn.Module,
+    data: Sequence[Encoded],
+    *,
+    steps: int,
+    batch_size: int,
+    microbatch_size: int,
+    learning_rate: float,
+    pad_id: int,
+    generator: torch.Generator,
+    dp: DpSgdParams | None,
+) -> LocalResult:
+    """`steps` optimizer steps of AdamW on the trainable (LoRA) weights of `model`."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    model.train()
+    n = len(data)
+    loss_sum, seen = 0.0, 0
+    for _ in range(steps):
+        if dp is not None:
+            idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
+        else:
+            idx = torch.randperm(n, generator=generator, device=generator.device)[: min(batch_size, n)].cpu()
+        mbs = microbatch([data[i] for i in idx.tolist()], microbatch_size, pad_id=pad_id, device=device)
+        optimizer.zero_grad(set_to_none=True)
+        if dp is None:
+            loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1))
+        else:
+            loss_sum += dp_gradients(model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator)
+        seen += len(idx)
+        optimizer.step()
+    model.eval()
+    run = DpSgdRun(dp.sample_rate, dp.noise_multiplier, steps) if dp is not None else None
+    return LocalResult(mean_loss=loss_sum / max(seen, 1), steps=steps, examples_seen=seen, dp_run=run)

@@ -1,0 +1,1 @@
+"""Prefect flows composing the tasks, the MLflow edge, and the `dplora` command line."""

@@ -1,0 +1,149 @@
+"""`dplora`: the command line. Each subcommand is one pipeline stage; `run` does them all.
+
+Config errors exit with status 2 before any work starts; data, adapter and model errors exit
+with status 1 and a message naming the file, field or client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Keep every tool's state inside the project and off the network (set before they are imported).
+for _key, _value in {
+    "PREFECT_HOME": str(Path.cwd() / ".prefect"),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from dplora_core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+
+DEFAULT_SOURCE = "../shared/data"
+
+
+def cmd_ingest(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from tasks.data import ingest_raw
+
+    for path in ingest_raw(Path(args.source), Path(cfg.data.raw_dir)):
+        print(f"copied {path}")
+
+
+def cmd_convert_model(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from dplora_core.model import convert_gguf
+
+    if cfg.model.gguf_file is None:
+        print(f"model.gguf_file is not set: {cfg.model.path} is loaded as it is, nothing to convert")
+        return
+    print(f"converted model in {convert_gguf(cfg.model)}")
+
+
+def cmd_prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from tasks.data import prepare_data
+
+    for split, hist in prepare_data.fn(cfg).items():
+        print(f"{split}: {sum(hist.values())} examples {hist}")
+
+
+def cmd_partition(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from tasks.data import partition_clients
+
+    for k, hist in enumerate(partition_clients.fn(cfg)):
+        print(f"client {k}: {sum(hist.values())} examples {hist}")
+
+
+def cmd_federate(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.federated import federated_finetune
+
+    summary = federated_finetune(cfg)
+    print(summary["privacy"]["guarantee"])
+
+
+def cmd_evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.evaluate import evaluate_experiment
+    from flows.report import format_summary
+
+    print(format_summary(evaluate_experiment(cfg)))
+
+
+def cmd_show(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.report import format_summary
+
+    path = cfg.run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results yet (run `dplora run` or `dvc repro` first)")
+    print(format_summary(json.loads(path.read_text())))
+
+
+def cmd_run(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.pipeline import dplora_pipeline
+    from flows.report import format_summary
+
+    start = time.monotonic()
+    raw = Path(cfg.data.raw_dir)
+    if not raw.exists():
+        cmd_ingest(cfg, args)
+    if cfg.model.gguf_file is not None:
+        cmd_convert_model(cfg, args)
+    metrics = dplora_pipeline(cfg)
+    print(format_summary(metrics, wall_seconds=time.monotonic() - start))
+
+
+COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None], str]] = {
+    "run": (cmd_run, "the whole experiment: ingest (if needed), prepare, partition, federate, evaluate"),
+    "ingest": (cmd_ingest, "copy the reference datasets into data.raw_dir, checking their md5"),
+    "convert-model": (cmd_convert_model, "convert the GGUF model once to a safetensors checkpoint"),
+    "prepare": (cmd_prepare, "write the train/validation/test splits"),
+    "partition": (cmd_partition, "split the training records over the clients"),
+    "federate": (cmd_federate, "run the federated DP-LoRA training flow"),
+    "evaluate": (cmd_evaluate, "evaluate zero-shot and final adapter on the test split; print the table"),
+    "show": (cmd_show, "print the results table of a finished experiment"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dplora",
+        description="Federated, differentially private LoRA fine-tuning of causal LMs, orchestrated by Prefect.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", type=Path, help="experiment config YAML (see configs/, e.g. configs/fpb-demo.yaml)")
+        if name in ("run", "ingest"):
+            p.add_argument(
+                "--source", default=DEFAULT_SOURCE,
+                help=f"folder holding the reference datasets to copy from (default: {DEFAULT_SOURCE})",
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"dplora: {err}", file=sys.stderr)
+        return 2
+    from dplora_core.adapters import AdapterError
+    from dplora_core.data import DataError
+
+    try:
+        COMMANDS[args.command][0](cfg, args)
+    except (DataError, AdapterError, FileNotFoundError, ValueError) as err:
+        print(f"dplora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

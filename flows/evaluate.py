@@ -1,0 +1,43 @@
+"""Held-out test evaluation of the final adapter against the zero-shot base model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow
+
+from dplora_core.config import ExperimentConfig
+from dplora_core.data import DataError
+from flows.federated import _atomic_write
+from flows.tracking import ExperimentRun
+from tasks.runtime import eval_prompts
+from tasks.training import evaluate
+
+
+@flow(name="evaluate-experiment")
+def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
+    """Zero-shot and final accuracy / macro-F1 on the test split; writes metrics.json next to the adapter."""
+    out = config.run_dir
+    training_path, adapter_path = out / "training.json", out / "adapter.safetensors"
+    for path in (training_path, adapter_path):
+        if not path.is_file():
+            raise DataError(f"{path}: not found (run `dplora federate` first)")
+    training = json.loads(training_path.read_text())
+    zero_shot = evaluate(config, None, "test")
+    final = evaluate(config, adapter_path.read_bytes(), "test")
+    _, gold, label_ids = eval_prompts(config, "test")
+    majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
+    metrics = {
+        "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority},
+        "privacy": {k: v for k, v in training["privacy"].items() if k != "ledgers"},
+        "bytes": training["bytes"], "rounds": training["rounds"], "num_clients": training["num_clients"],
+        "train_seconds": training["train_seconds"], "mlflow_run_id": training["mlflow_run_id"],
+    }
+    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    run = ExperimentRun(config, run_id=training["mlflow_run_id"])
+    run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])
+    run.log_metrics({f"zero_shot_test_{k}": v for k, v in zero_shot.items() if k != "n"}, step=0)
+    run.log_artifact(out / "metrics.json")
+    run.finish()
+    return metrics

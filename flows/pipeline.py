@@ -1,0 +1,21 @@
+"""The whole experiment in one flow: prepare -> partition -> federate -> evaluate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from dplora_core.config import ExperimentConfig
+from flows.evaluate import evaluate_experiment
+from flows.federated import federated_finetune
+from tasks.data import partition_clients, prepare_data
+
+
+@flow(name="dplora-pipeline")
+def dplora_pipeline(config: ExperimentConfig) -> dict[str, Any]:
+    """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
+    prepare_data(config)
+    partition_clients(config)
+    federated_finetune(config)
+    return evaluate_experiment(config)

@@ -1,0 +1,81 @@
+"""Data tasks: raw copies, prepared splits, client partitions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from prefect import task
+
+from dplora_core.config import ExperimentConfig
+from dplora_core.data import (
+    RAW_FILES,
+    TASKS,
+    DataError,
+    label_histogram,
+    partition_dirichlet,
+    partition_iid,
+    prepare_splits,
+    write_jsonl,
+)
+from tasks.runtime import partition_path, split_examples, split_path
+
+SOURCES = Path(__file__).resolve().parent.parent / "data" / "sources.json"
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def ingest_raw(source_dir: Path, raw_dir: Path) -> list[Path]:
+    """Copy the reference datasets into `raw_dir`, checking each against data/sources.json."""
+    expected: dict[str, str] = json.loads(SOURCES.read_text())["md5"]
+    copied = []
+    for rel, digest in expected.items():
+        src, dst = source_dir / rel, raw_dir / rel
+        if not src.is_file():
+            raise DataError(f"{src}: source dataset file not found (set --source to the shared data folder)")
+        if md5(src) != digest:
+            raise DataError(f"{src}: md5 {md5(src)} differs from {digest} recorded in {SOURCES}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        copied.append(dst)
+    return copied
+
+
+@task(name="prepare-data", retries=0)
+def prepare_data(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
+    """Write the train/validation/test JSONL splits; return each split's label histogram."""
+    d = cfg.data
+    splits = prepare_splits(
+        d.dataset, Path(d.raw_dir), test_fraction=d.test_fraction, validation_fraction=d.validation_fraction,
+        seed=d.split_seed,
+    )
+    labels = TASKS[d.dataset].labels
+    for name, examples in splits.items():
+        write_jsonl(split_path(d, name), examples)
+    split_examples.cache_clear()
+    return {name: label_histogram(ex, labels) for name, ex in splits.items()}
+
+
+@task(name="partition-clients", retries=0)
+def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
+    """Split the training records over the clients; write the partition; return label histograms."""
+    f = cfg.federation
+    train = split_examples(cfg.data, "train")
+    if len(train) < f.num_clients:
+        raise DataError(f"{split_path(cfg.data, 'train')}: {len(train)} examples for {f.num_clients} clients")
+    if f.partition == "iid":
+        shards = partition_iid(len(train), f.num_clients, seed=f.seed)
+    else:
+        shards = partition_dirichlet([e.label for e in train], f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
+    labels = TASKS[cfg.data.dataset].labels
+    hist = [label_histogram([train[i] for i in s], labels) for s in shards]
+    out = partition_path(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"clients": shards, "label_histograms": hist}))
+    tmp.replace(out)
+    return hist

@@ -1,0 +1,85 @@
+"""Per-process resources shared by tasks: one base model per worker process, clients swap adapters."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from dplora_core.batching import Encoded, encode, label_token_ids
+from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
+from dplora_core.data import TASKS, DataError, Example, read_jsonl
+from dplora_core.model import attach_lora, load_base_model
+
+
+@dataclass(frozen=True)
+class Workspace:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    lock: threading.Lock  # one client at a time trains on the shared model
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+@functools.cache
+def workspace(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Workspace:
+    base, tokenizer = load_base_model(model_cfg)
+    return Workspace(attach_lora(base, lora_cfg), tokenizer, threading.Lock())
+
+
+def split_path(data: DataConfig, split: str) -> Path:
+    return Path(data.prepared_dir) / data.dataset / f"{split}.jsonl"
+
+
+def partition_path(cfg: ExperimentConfig) -> Path:
+    return cfg.run_dir / "partition.json"
+
+
+@functools.cache
+def split_examples(data: DataConfig, split: str) -> tuple[Example, ...]:
+    examples = read_jsonl(split_path(data, split), labels=TASKS[data.dataset].labels)
+    limit = {"train": data.max_train_examples, "validation": data.max_validation_examples,
+             "test": data.max_test_examples}[split]
+    return tuple(examples[:limit])
+
+
+def read_partition(cfg: ExperimentConfig) -> list[list[int]]:
+    path = partition_path(cfg)
+    if not path.is_file():
+        raise DataError(f"{path}: client partition not found (run `dplora partition` first)")
+    shards: list[list[int]] = json.loads(path.read_text())["clients"]
+    if len(shards) != cfg.federation.num_clients:
+        raise DataError(f"{path}: has {len(shards)} clients, config says {cfg.federation.num_clients}")
+    return shards
+
+
+@functools.cache
+def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
+    """Client `client_id`'s training records, tokenised (prompt + answer)."""
+    ws = workspace(cfg.model, cfg.lora)
+    train = split_examples(cfg.data, "train")
+    ids = read_partition(cfg)[client_id]
+    if not ids:
+        raise DataError(f"client {client_id}: has no training examples after partitioning")
+    task = TASKS[cfg.data.dataset]
+    return tuple(encode(train[i], task, ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
+
+
+@functools.cache
+def eval_prompts(cfg: ExperimentConfig, split: str) -> tuple[tuple[Encoded, ...], tuple[int, ...], tuple[int, ...]]:
+    """(prompts without answers, gold label indices, label token ids) for a split."""
+    ws = workspace(cfg.model, cfg.lora)
+    task = TASKS[cfg.data.dataset]
+    examples = split_examples(cfg.data, split)
+    prompts = tuple(
+        encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples
+    )
+    gold = tuple(task.labels.index(e.label) for e in examples)
+    return prompts, gold, tuple(label_token_ids(task, ws.tokenizer))
