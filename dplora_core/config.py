@@ -120,6 +120,7 @@ class EvalConfig(_Strict):
 
 class TrackingConfig(_Strict):
     mlflow_uri: str = "sqlite:///mlflow.db"
+    artifact_dir: str = Field("mlartifacts", description="Where a new MLflow experiment stores artifacts.")
     experiment: str = "dplora"
     output_dir: str = "outputs"
 

@@ -88,7 +88,8 @@ def dp_gradients(
         factors = M.clip_factors(M.per_example_norms(samples), dp.max_grad_norm)  # (b,)
         summed = [s + c for s, c in zip(summed, M.clipped_sum(samples, factors), strict=True)]
         total += float(loss.detach().sum())
-    noised = M.add_gaussian_noise(summed, std=dp.noise_multiplier * dp.max_grad_norm, generator=generator)
+    std = dp.noise_multiplier * dp.max_grad_norm if dp.noise_multiplier > 0 else 0.0  # sigma=0 allows C=inf
+    noised = M.add_gaussian_noise(summed, std=std, generator=generator)
     for p, g in zip(params, noised, strict=True):
         p.grad = (g / expected_batch_size).to(p.dtype)
     return total

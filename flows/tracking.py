@@ -20,7 +20,7 @@ class ExperimentRun:
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
             if exp is None:
-                artifacts = (Path("mlartifacts") / cfg.tracking.experiment).resolve().as_uri()
+                artifacts = (Path(cfg.tracking.artifact_dir) / cfg.tracking.experiment).resolve().as_uri()
                 exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dplora_core.config import ConfigError, ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tree", "field", "reason"),
+    [
+        ({"federation": {"num_clients": 2, "clients_per_round": 3}}, "federation", "clients_per_round (3) must be <="),
+        ({"privacy": {"target_epsilon": 8, "noise_multiplier": 1.0}}, "privacy", "exactly one"),
+        ({"privacy": {"target_epsilon": None}}, "privacy", "exactly one"),
+        ({"privacy": {"delta": 1.5}}, "privacy.delta", "less than 1"),
+        ({"federation": {"learning_rate": -1}}, "federation.learning_rate", "greater than 0"),
+        ({"lora": {"rank": 0}}, "lora.rank", "greater than or equal to 1"),
+        ({"lora": {"rnak": 4}}, "lora.rnak", "Extra inputs are not permitted"),
+        ({"data": {"dataset": "imdb"}}, "data.dataset", "financial_phrasebank"),
+        ({"federation": {"batch_size": 8, "microbatch_size": 16}}, "microbatch_size (16) must be <=", ""),
+    ],
+)
+def test_bad_config_names_field_and_reason(tmp_path: Path, tree: dict, field: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, tree))
+    assert field in str(err.value)
+    assert reason in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_not_yaml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("privacy: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_flat_view_has_dotted_keys() -> None:
+    flat = ExperimentConfig().flat()
+    assert flat["privacy.delta"] == 1e-5
+    assert flat["federation.num_clients"] == 4
+
+
+def test_cli_exits_2_on_bad_config_before_any_work(tmp_path: Path) -> None:
+    path = write(tmp_path, {"federation": {"num_clients": 2, "clients_per_round": 3},
+                            "tracking": {"output_dir": str(tmp_path / "out")}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2
+    assert "federation" in proc.stderr and "clients_per_round" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "data").exists()

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dplora_core.batching import collate, encode
+from dplora_core.config import LoraConfig, ModelConfig
+from dplora_core.data import TASKS, Example
+from dplora_core.model import attach_lora, init_lora_state, load_base_model
+from dplora_core.adapters import load_adapter_state
+from dplora_core.privacy import mechanisms as M
+from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
+from dplora_core.train import DpSgdParams, answer_nll, dp_gradients, plain_gradients, train_local
+
+TEXTS = [
+    ("company profit rose .", "positive"), ("sales fell eur million .", "negative"),
+    ("the company operating year .", "neutral"), ("net loss increased quarter .", "negative"),
+    ("sales increased .", "positive"), ("the quarter .", "neutral"),
+]
+
+
+def setup(model_dir: Path, dropout: float = 0.0):
+    base, tok = load_base_model(ModelConfig(path=str(model_dir), gguf_file=None, device="cpu"))
+    model = attach_lora(base, LoraConfig(rank=2, alpha=4, dropout=dropout))
+    state = init_lora_state(model, seed=1)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in state.items()}
+    load_adapter_state(model, state, source="test")  # B != 0 so A gets gradients too
+    task = TASKS["financial_phrasebank"]
+    data = [encode(Example(str(i), t, y), task, tok, max_len=64) for i, (t, y) in enumerate(TEXTS)]
+    return model, tok, data
+
+
+def params_of(model) -> list[torch.Tensor]:
+    return [m.weight for m in trainable_linears(model)]
+
+
+def test_per_example_grads_equal_a_loop_of_single_examples(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    modules = trainable_linears(model)
+    with per_example_grads(modules) as grads:
+        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+    batched = [grads[m] for m in modules]  # each (b, out, in)
+    for i, item in enumerate(data):
+        model.zero_grad(set_to_none=True)
+        answer_nll(model, collate([item], pad_id=tok.pad_token_id)).sum().backward()
+        for g, m in zip(batched, modules, strict=True):
+            torch.testing.assert_close(g[i], m.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_noise_and_no_clipping_equals_plain_step(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    mbs = [collate(data[:4], pad_id=tok.pad_token_id), collate(data[4:], pad_id=tok.pad_token_id)]
+    plain_gradients(model, mbs, batch_size=len(data))
+    plain = [p.grad.clone() for p in params_of(model)]
+    model.zero_grad(set_to_none=True)
+    dp = DpSgdParams(noise_multiplier=0.0, max_grad_norm=float("inf"), sample_rate=1.0)
+    dp_gradients(model, mbs, dp=dp, expected_batch_size=len(data), generator=torch.Generator().manual_seed(0))
+    for p, g in zip(params_of(model), plain, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_zero_noise_training_equals_plain_training(tiny_model_dir: Path) -> None:
+    """Same batches, sigma = 0, C = inf: DP-SGD and plain AdamW end at the same adapter."""
+    results = []
+    for dp in (None, DpSgdParams(0.0, float("inf"), 1.0)):
+        model, tok, data = setup(tiny_model_dir)
+        train_local(model, data, steps=3, batch_size=len(data), microbatch_size=4, learning_rate=1e-2,
+                    pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), dp=dp)
+        results.append([p.detach().clone() for p in params_of(model)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_clipped_per_example_gradients_never_exceed_c(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    modules = trainable_linears(model)
+    with per_example_grads(modules) as grads:
+        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+    samples = [grads[m] for m in modules]
+    c = 0.5 * float(M.per_example_norms(samples).min())  # every example needs clipping
+    factors = M.clip_factors(M.per_example_norms(samples), c)
+    clipped = [g * factors.view(-1, *([1] * (g.dim() - 1))) for g in samples]
+    assert (M.per_example_norms(clipped) <= c * (1 + 1e-5)).all()
+
+
+def test_gaussian_noise_has_the_calibrated_std() -> None:
+    std = 0.7 * 1.3  # sigma * C
+    noised = M.add_gaussian_noise([torch.zeros(200_000)], std=std, generator=torch.Generator().manual_seed(0))[0]
+    # sample std of n=2e5 normals has relative s.e. ~ 1/sqrt(2n) = 0.0016; allow 5 s.e.
+    assert abs(float(noised.std()) / std - 1) < 0.008
+    assert abs(float(noised.mean())) < 5 * std / 200_000**0.5
+
+
+def test_noise_uses_the_explicit_generator_not_the_global_rng() -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = M.add_gaussian_noise([torch.zeros(10)], std=1.0, generator=torch.Generator().manual_seed(5))[0]
+    b = M.add_gaussian_noise([torch.zeros(10)], std=1.0, generator=torch.Generator().manual_seed(5))[0]
+    assert torch.equal(before, torch.random.get_rng_state())
+    torch.testing.assert_close(a, b)
+
+
+def test_noise_generator_is_reproducible_only_with_a_seed() -> None:
+    cpu = torch.device("cpu")
+    fixed = [torch.rand(4, generator=M.noise_generator(7, 1, 2, device=cpu)) for _ in range(2)]
+    torch.testing.assert_close(fixed[0], fixed[1])
+    other_client = torch.rand(4, generator=M.noise_generator(7, 1, 3, device=cpu))
+    assert not torch.equal(fixed[0], other_client)
+    fresh = [torch.rand(4, generator=M.noise_generator(None, 1, 2, device=cpu)) for _ in range(2)]
+    assert not torch.equal(fresh[0], fresh[1])
+
+
+def test_poisson_sample_rate() -> None:
+    idx = M.poisson_sample(100_000, 0.1, generator=torch.Generator().manual_seed(0))
+    assert abs(len(idx) - 10_000) < 5 * (100_000 * 0.1 * 0.9) ** 0.5
+
+
+def test_dp_training_changes_only_lora_weights(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_local(model, data, steps=2, batch_size=4, microbatch_size=2, learning_rate=1e-2,
+                         pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                         dp=DpSgdParams(1.0, 1.0, 4 / len(data)))
+    assert result.dp_run is not None and result.dp_run.steps == 2
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_trainable_linears_are_exactly_the_lora_weights(tiny_model_dir: Path, dropout: float) -> None:
+    model, _, _ = setup(tiny_model_dir, dropout)
+    names = {id(m.weight) for m in trainable_linears(model)}
+    assert names == {id(p) for p in model.parameters() if p.requires_grad}

@@ -1,0 +1,79 @@
+"""The Prefect flows end to end on a tiny random model, and what they leave in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dplora_core.adapters import AdapterError, from_bytes, to_bytes
+from dplora_core.messages import ClientUpdate
+from flows.pipeline import dplora_pipeline
+from tasks.training import aggregate, init_adapter
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, raw_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_harness: None):
+    tmp = tmp_path_factory.mktemp("flow")
+    cfg = tiny_config(tiny_model_dir, tmp, raw_dir)
+    return cfg, dplora_pipeline(cfg)
+
+
+def test_pipeline_writes_adapter_training_and_metrics(finished) -> None:
+    cfg, metrics = finished
+    for name in ("adapter.safetensors", "training.json", "metrics.json", "partition.json"):
+        assert (cfg.run_dir / name).is_file(), name
+    assert json.loads((cfg.run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["test"]["final"]["n"] == 16
+    assert 0 <= metrics["test"]["final"]["accuracy"] <= 1
+
+
+def test_pipeline_spends_at_most_the_target_epsilon(finished) -> None:
+    cfg, metrics = finished
+    priv = metrics["privacy"]
+    assert 0.9 * cfg.privacy.target_epsilon < priv["epsilon"] <= cfg.privacy.target_epsilon
+    assert priv["delta"] == cfg.privacy.delta
+    assert "record-level" in priv["guarantee"] and "RDP" in priv["guarantee"]
+
+
+def test_bytes_are_adapter_payloads(finished) -> None:
+    cfg, metrics = finished
+    adapter = (cfg.run_dir / "adapter.safetensors").stat().st_size
+    rounds, clients = cfg.federation.rounds, cfg.federation.clients_per_round
+    assert metrics["bytes"]["up"] == adapter * rounds * clients  # every upload is one adapter payload
+    assert metrics["bytes"]["down"] == adapter * rounds * clients
+    assert metrics["bytes"]["full_model_up"] > 10 * metrics["bytes"]["up"]
+
+
+def test_mlflow_run_holds_config_round_metrics_and_adapter(finished) -> None:
+    cfg, metrics = finished
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.params["privacy.delta"] == str(cfg.privacy.delta)
+    assert run.data.params["federation.num_clients"] == "2"
+    for key in ("train_loss", "val_accuracy", "val_macro_f1", "epsilon", "bytes_up", "bytes_down"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    eps = [m.value for m in client.get_metric_history(run.info.run_id, "epsilon")]
+    assert eps[0] < eps[1] == pytest.approx(metrics["privacy"]["epsilon"])
+    assert "test_accuracy" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter.safetensors" in artifacts
+    assert run.info.status == "FINISHED"
+    assert "record-level" in run.data.tags["dplora.guarantee"]
+
+
+def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
+    cfg, _ = finished
+    global_model = init_adapter.fn(cfg)
+    state = from_bytes(global_model.adapter, source="test")
+    key = next(iter(state))
+    bad = to_bytes(state | {key: torch.full_like(state[key], float("inf"))})
+    good = ClientUpdate(client_id=0, round=1, num_examples=5, adapter=global_model.adapter, train_loss=1.0, dp_run=None)
+    evil = ClientUpdate(client_id=1, round=1, num_examples=5, adapter=bad, train_loss=1.0, dp_run=None)
+    with pytest.raises(AdapterError, match="client 1 update, round 1: .* non-finite"):
+        aggregate.fn(cfg, global_model, [good, evil])
