@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as st_load
@@ -39,7 +41,7 @@ def check_adapter(state: AdapterState, reference: AdapterState, *, source: str) 
 def load_adapter_state(model: PeftModel, state: AdapterState, *, source: str) -> None:
     """Check `state` against the model's adapter, then copy it in."""
     check_adapter(state, adapter_state(model), source=source)
-    result = set_peft_model_state_dict(model, state)
+    result: Any = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise AdapterError(f"{source}: peft rejected keys {result.unexpected_keys[:3]}")
 

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,8 @@ def read_pubmedqa(pqal_path: Path, test_path: Path) -> tuple[list[Example], list
     labels = set(TASKS["pubmedqa"].labels)
     records = _read_json(pqal_path)
     test_ids = set(_read_json(test_path))
-    train, test = [], []
+    train: list[Example] = []
+    test: list[Example] = []
     for pmid, rec in records.items():
         for key in ("QUESTION", "CONTEXTS", "final_decision"):
             if key not in rec:
@@ -117,7 +119,7 @@ def read_pubmedqa(pqal_path: Path, test_path: Path) -> tuple[list[Example], list
     return train, test
 
 
-def _read_json(path: Path) -> dict[str, object]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

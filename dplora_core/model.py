@@ -79,7 +79,8 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype])
     model.requires_grad_(False)
     model.eval()
-    return model.to(resolve_device(cfg.device)), tokenizer
+    model.to(resolve_device(cfg.device))  # type: ignore[arg-type]  # transformers' to() stub is too narrow
+    return model, tokenizer
 
 
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -92,7 +93,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         layers = list(range(n_layers - cfg.last_n_layers, n_layers))
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         layers_to_transform=layers,
@@ -122,7 +123,7 @@ def init_lora_state(model: PeftModel, *, seed: int) -> dict[str, torch.Tensor]:
 
 def backbone_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer stack (hidden states) and the LM head of a (peft-wrapped) causal LM."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base: Any = model.get_base_model() if isinstance(model, PeftModel) else model
     return base.base_model, base.get_output_embeddings()
 
 

@@ -34,7 +34,8 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
     full_bytes = full_model_bytes(cfg)
     rng = np.random.default_rng([f.seed, 1])
     bytes_up = bytes_down = 0
-    history = []
+    history: list[dict[str, Any]] = []
+    client_rounds = 0  # client participations, for the full-model exchange comparison
     epsilon = 0.0 if p.mode == "sample" else float("inf")
     try:
         for r in range(1, f.rounds + 1):
@@ -46,6 +47,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             round_down = len(global_model.adapter) * len(clients)
             round_up = sum(len(u.adapter) for u in updates)
             bytes_down, bytes_up = bytes_down + round_down, bytes_up + round_up
+            client_rounds += len(clients)
             for u in updates:
                 if u.dp_run is not None:
                     ledgers[u.client_id].record(u.dp_run)
@@ -53,11 +55,17 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             val = evaluate(cfg, global_model.adapter, "validation")
             if p.mode == "sample":
                 epsilon = max(ledger.epsilon(delta=p.delta) for ledger in ledgers.values())
-            row = {
-                "round": r, "clients": clients,
-                "train_loss": float(np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates])),
-                "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "epsilon": epsilon,
-                "bytes_up": round_up, "bytes_down": round_down,
+            row: dict[str, Any] = {
+                "round": r,
+                "clients": clients,
+                "train_loss": float(
+                    np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates])
+                ),
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "epsilon": epsilon,
+                "bytes_up": round_up,
+                "bytes_down": round_down,
             }
             history.append(row)
             run.log_metrics({k: v for k, v in row.items() if k not in ("round", "clients") and np.isfinite(v)}, step=r)
@@ -69,6 +77,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         adapter_path = out / "adapter.safetensors"
         _atomic_write(adapter_path, global_model.adapter)
+        guarantee = describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant)
         summary = {
             "name": cfg.name, "mlflow_run_id": run.run_id, "rounds": f.rounds,
             "num_clients": f.num_clients, "clients_per_round": f.clients_per_round,
@@ -76,12 +85,13 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
                 "mode": p.mode, "epsilon": epsilon if np.isfinite(epsilon) else None, "delta": p.delta,
                 "accountant": p.accountant, "noise_multipliers": sigmas,
                 "per_client_epsilon": {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()},
-                "guarantee": describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant),
+                "guarantee": guarantee,
                 "ledgers": {k: ledger.state_dict() for k, ledger in ledgers.items()},
             },
-            "bytes": {"up": bytes_up, "down": bytes_down, "full_model_up": full_bytes * sum(len(h["clients"]) for h in history),
-                      "full_model_down": full_bytes * sum(len(h["clients"]) for h in history),
-                      "adapter": len(global_model.adapter), "full_model": full_bytes},
+            "bytes": {
+                "up": bytes_up, "down": bytes_down, "adapter": len(global_model.adapter), "full_model": full_bytes,
+                "full_model_up": full_bytes * client_rounds, "full_model_down": full_bytes * client_rounds,
+            },
             "history": history,
             "train_seconds": time.monotonic() - start,
             "config": cfg.model_dump(mode="json"),
@@ -89,7 +99,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         _atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
         run.log_artifact(adapter_path, "adapter")
         run.log_artifact(out / "training.json")
-        run.set_tags({"dplora.guarantee": summary["privacy"]["guarantee"]})
+        run.set_tags({"dplora.guarantee": guarantee})
         if p.mode == "sample":
             run.log_metrics({"epsilon_final": epsilon}, step=f.rounds)
     except BaseException:

@@ -11,7 +11,6 @@ from prefect import task
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import (
-    RAW_FILES,
     TASKS,
     DataError,
     label_histogram,

@@ -29,11 +29,12 @@ def raw_dir() -> Path:
     return shared_data_dir()
 
 
-WORDS = (
-    "classify the sentiment of this financial news sentence as negative , neutral or positive . "
-    "sentence : sentiment : answer biomedical research question with yes no maybe context "
-    "company profit loss sales rose fell eur million quarter year net operating increased decreased"
-).split()
+WORDS = [
+    "classify", "the", "sentiment", "of", "this", "financial", "news", "sentence", "as", "negative", ",",
+    "neutral", "or", "positive", ".", "sentence", ":", "sentiment", ":", "answer", "biomedical", "research",
+    "question", "with", "yes", "no", "maybe", "context", "company", "profit", "loss", "sales", "rose",
+    "fell", "eur", "million", "quarter", "year", "net", "operating", "increased", "decreased",
+]
 
 
 @pytest.fixture(scope="session")

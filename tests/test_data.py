@@ -27,7 +27,8 @@ def test_fpb_drops_duplicates_and_conflicting_labels(tmp_path: Path) -> None:
     rows += 'negative,"Profit fell ."\npositive,"Profit fell ."\nneutral,"It is a company ."\n'
     path.write_bytes(rows.encode("latin-1"))
     examples = read_financial_phrasebank(path)
-    assert [(e.text, e.label) for e in examples] == [("Café sales rose .", "positive"), ("It is a company .", "neutral")]
+    expected = [("Café sales rose .", "positive"), ("It is a company .", "neutral")]
+    assert [(e.text, e.label) for e in examples] == expected
 
 
 def test_fpb_unknown_label_names_file_and_row(tmp_path: Path) -> None:

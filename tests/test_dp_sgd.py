@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dplora_core.adapters import load_adapter_state
 from dplora_core.batching import collate, encode
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
 from dplora_core.model import attach_lora, init_lora_state, load_base_model
-from dplora_core.adapters import load_adapter_state
 from dplora_core.privacy import mechanisms as M
 from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
 from dplora_core.train import DpSgdParams, answer_nll, dp_gradients, plain_gradients, train_local

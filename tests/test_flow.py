@@ -75,5 +75,5 @@ def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
     bad = to_bytes(state | {key: torch.full_like(state[key], float("inf"))})
     good = ClientUpdate(client_id=0, round=1, num_examples=5, adapter=global_model.adapter, train_loss=1.0, dp_run=None)
     evil = ClientUpdate(client_id=1, round=1, num_examples=5, adapter=bad, train_loss=1.0, dp_run=None)
-    with pytest.raises(AdapterError, match="client 1 update, round 1: .* non-finite"):
+    with pytest.raises(AdapterError, match=r"client 1 update, round 1: .* non-finite"):
         aggregate.fn(cfg, global_model, [good, evil])

@@ -46,7 +46,8 @@ def mean_label_skew(labels: list[str], shards: list[list[int]]) -> float:
 def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
     labels = ["a"] * 600 + ["b"] * 300 + ["c"] * 100
     skew = {
-        alpha: np.mean([mean_label_skew(labels, partition_dirichlet(labels, 5, alpha=alpha, seed=s)) for s in range(10)])
+        alpha: np.mean([mean_label_skew(labels, partition_dirichlet(labels, 5, alpha=alpha, seed=s))
+                        for s in range(10)])
         for alpha in (0.1, 1.0, 100.0)
     }
     assert skew[0.1] > skew[1.0] > skew[100.0]
