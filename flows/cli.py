@@ -110,6 +110,23 @@ COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None]
 }
 
 
+def config_reference() -> str:
+    """Every config field with its type, default and description, for `--help`."""
+    from pydantic import BaseModel
+
+    lines = ["config fields (YAML sections; see configs/fpb-demo.yaml):"]
+    for section, field in ExperimentConfig.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            lines.append(f"  {section}:")
+            for name, f in sub.model_fields.items():
+                desc = f" - {f.description}" if f.description else ""
+                lines.append(f"    {name} (default {f.default!r}){desc}")
+        else:
+            lines.append(f"  {section} (default {field.default!r})")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dplora",
@@ -117,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=config_reference(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("config", type=Path, help="experiment config YAML (see configs/, e.g. configs/fpb-demo.yaml)")
         if name in ("run", "ingest"):
             p.add_argument(

@@ -19,3 +19,11 @@ def dplora_pipeline(config: ExperimentConfig) -> dict[str, Any]:
     partition_clients(config)
     federated_finetune(config)
     return evaluate_experiment(config)
+
+
+@flow(name="dplora-pipeline-from-file")
+def dplora_pipeline_from_file(config_path: str) -> dict[str, Any]:
+    """Deployment entry point: validate the YAML config at `config_path`, then run the pipeline."""
+    from dplora_core.config import load_config
+
+    return dplora_pipeline(load_config(config_path))
