@@ -21,6 +21,11 @@ def adapter_state(model: PeftModel) -> AdapterState:
     return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def upload_state(state: AdapterState, *, freeze_a: bool) -> AdapterState:
+    """What a client sends back: every adapter tensor, or only the B matrices under freeze_a (A never changes)."""
+    return {k: v for k, v in state.items() if not (freeze_a and ".lora_A." in k)}
+
+
 def check_adapter(state: AdapterState, reference: AdapterState, *, source: str) -> None:
     """Raise AdapterError if `state` has missing/unexpected keys, wrong shapes or non-finite values."""
     missing = sorted(reference.keys() - state.keys())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -41,12 +41,15 @@ class ModelConfig(_Strict):
 class LoraConfig(_Strict):
     """Low-rank adapters attached with peft."""
 
-    rank: int = Field(4, ge=1, le=256)
-    alpha: float = Field(8.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="Linear layers to adapt.")
     last_n_layers: int | None = Field(
         None, ge=1, description="Adapt only the top N transformer blocks (None: all)."
+    )
+    freeze_a: bool = Field(
+        False, description="FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B trains and travels."
     )
 
 
@@ -85,7 +88,11 @@ class FederationConfig(_Strict):
     local_steps: int = Field(4, ge=1, description="Logical (Poisson) batches per client per round.")
     batch_size: int = Field(64, ge=1, description="Expected logical batch size per step.")
     microbatch_size: int = Field(16, ge=1, description="Examples per forward/backward pass.")
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the local steps.")
+    loss: Literal["label_words", "lm"] = Field(
+        "label_words",
+        description="label_words: cross-entropy among the label words (what evaluation ranks); lm: full-vocabulary.",
+    )
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
@@ -109,9 +116,20 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="FPB only; PubMedQA has an official split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Held out from train for per-round eval.")
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation/test split.")
+    prompt_template: str | None = Field(
+        None, description="Prompt with {text} (and {question} for PubMedQA); None: the dataset's default."
+    )
     max_validation_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
     max_train_examples: int | None = Field(None, ge=1, description="Cap on the train split (tests).")
+
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_text(cls, value: str | None) -> str | None:
+        if value is not None and "{text}" not in value:
+            raise ValueError("must contain the placeholder {text}")
+        return value
 
 
 class EvalConfig(_Strict):

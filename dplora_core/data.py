@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from dplora_core.io import atomic_write
+
 
 @dataclass(frozen=True)
 class Example:
@@ -56,6 +58,12 @@ TASKS: dict[str, TaskSpec] = {
         ),
     ),
 }
+
+def task_spec(dataset: str, template: str | None = None) -> TaskSpec:
+    """The dataset's labels with its default prompt, or with `template` instead."""
+    spec = TASKS[dataset]
+    return spec if template is None else TaskSpec(labels=spec.labels, template=template)
+
 
 RAW_FILES: dict[str, tuple[str, ...]] = {
     "financial_phrasebank": ("financial_phrasebank/all-data.csv",),
@@ -164,12 +172,8 @@ def prepare_splits(
 
 
 def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(asdict(e), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
+    atomic_write(path, lines.encode("utf-8"))
 
 
 def read_jsonl(path: Path, *, labels: Sequence[str] | None = None) -> list[Example]:

@@ -103,6 +103,8 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
+        if cfg.freeze_a and "lora_A" in name:
+            p.requires_grad_(False)
     return peft_model
 
 

@@ -41,15 +41,20 @@ class LocalResult:
     dp_run: DpSgdRun | None  # what the accountant must compose; None without DP
 
 
-def answer_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-example mean negative log-likelihood of the answer tokens: (b,).
+def answer_nll(model: nn.Module, batch: Batch, label_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-example loss of the answer: (b,).
 
+    label_ids=None: mean negative log-likelihood of the answer tokens over the whole vocabulary.
+    label_ids given: cross-entropy of the answer's first token among the label words only
+    (prompt-based classification, Gao et al. 2021), the same scores `evaluate.predict` ranks.
     The LM head runs only at the positions that predict an answer token.
     """
     backbone, head = backbone_and_head(model)
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (b,t,h)
     target = batch.labels[:, 1:]  # (b, t-1): token t+1 is predicted at position t
     is_answer = target != IGNORE  # (b, t-1)
+    if label_ids is not None:
+        return _label_word_nll(hidden, target, is_answer, head, label_ids)
     logits = head(hidden[:, :-1][is_answer]).float()  # (n_answer, V)
     nll = F.cross_entropy(logits, target[is_answer], reduction="none")  # (n_answer,)
     rows = is_answer.nonzero()[:, 0]  # (n_answer,)
@@ -57,11 +62,26 @@ def answer_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     return per_example / is_answer.sum(dim=1).clamp(min=1)
 
 
-def plain_gradients(model: nn.Module, microbatches: Sequence[Batch], *, batch_size: int) -> float:
+def _label_word_nll(
+    hidden: torch.Tensor, target: torch.Tensor, is_answer: torch.Tensor, head: nn.Module, label_ids: Sequence[int]
+) -> torch.Tensor:
+    """Cross-entropy over the label words at each example's first answer position: (b,)."""
+    first = is_answer.int().argmax(dim=1)  # (b,) first position predicting an answer token
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h = hidden[rows, first]  # (b, h)
+    ids = torch.tensor(list(label_ids), device=hidden.device)
+    logits = head(h)[:, ids].float()  # (b, L)
+    classes = (target[rows, first].unsqueeze(1) == ids).int().argmax(dim=1)  # (b,) label index
+    return F.cross_entropy(logits, classes, reduction="none")
+
+
+def plain_gradients(
+    model: nn.Module, microbatches: Sequence[Batch], *, batch_size: int, label_ids: Sequence[int] | None = None
+) -> float:
     """Fill .grad with d/dtheta of (sum of per-example losses) / batch_size; return the loss sum."""
     total = 0.0
     for mb in microbatches:
-        loss = answer_nll(model, mb)  # (b,)
+        loss = answer_nll(model, mb, label_ids)  # (b,)
         (loss.sum() / batch_size).backward()
         total += float(loss.detach().sum())
     return total
@@ -74,6 +94,7 @@ def dp_gradients(
     dp: DpSgdParams,
     expected_batch_size: float,
     generator: torch.Generator,
+    label_ids: Sequence[int] | None = None,
 ) -> float:
     """Fill .grad with (sum of clipped per-example grads + N(0, sigma^2 C^2)) / B; return the loss sum."""
     modules = trainable_linears(model)
@@ -82,7 +103,7 @@ def dp_gradients(
     total = 0.0
     for mb in microbatches:
         with per_example_grads(modules) as grads:
-            loss = answer_nll(model, mb)  # (b,)
+            loss = answer_nll(model, mb, label_ids)  # (b,)
             loss.sum().backward()
         samples = [grads[m] for m in modules]  # each (b, out, in)
         factors = M.clip_factors(M.per_example_norms(samples), dp.max_grad_norm)  # (b,)
@@ -110,8 +131,12 @@ def train_local(
     pad_id: int,
     generator: torch.Generator,
     dp: DpSgdParams | None,
+    label_ids: Sequence[int] | None = None,
 ) -> LocalResult:
-    """`steps` optimizer steps of AdamW on the trainable (LoRA) weights of `model`."""
+    """`steps` optimizer steps of AdamW on the trainable (LoRA) weights of `model`.
+
+    label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
+    """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -126,9 +151,11 @@ def train_local(
         mbs = microbatch([data[i] for i in idx.tolist()], microbatch_size, pad_id=pad_id, device=device)
         optimizer.zero_grad(set_to_none=True)
         if dp is None:
-            loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1))
+            loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1), label_ids=label_ids)
         else:
-            loss_sum += dp_gradients(model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator)
+            loss_sum += dp_gradients(
+                model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator, label_ids=label_ids
+            )
         seen += len(idx)
         optimizer.step()
     model.eval()

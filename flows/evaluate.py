@@ -9,7 +9,7 @@ from prefect import flow
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import DataError
-from flows.federated import _atomic_write
+from dplora_core.io import atomic_write
 from flows.tracking import ExperimentRun
 from tasks.runtime import eval_prompts
 from tasks.training import evaluate
@@ -34,10 +34,9 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "bytes": training["bytes"], "rounds": training["rounds"], "num_clients": training["num_clients"],
         "train_seconds": training["train_seconds"], "mlflow_run_id": training["mlflow_run_id"],
     }
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])
     run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])
     run.log_metrics({f"zero_shot_test_{k}": v for k, v in zero_shot.items() if k != "n"}, step=0)
     run.log_artifact(out / "metrics.json")
-    run.finish()
     return metrics

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
 
 from dplora_core.config import ExperimentConfig
+from dplora_core.io import atomic_write
 from dplora_core.privacy.accountant import PrivacyLedger, describe_guarantee
 from flows.tracking import ExperimentRun
 from tasks.training import aggregate, evaluate, full_model_bytes, init_adapter, plan_noise, train_client
@@ -76,7 +76,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         out = cfg.run_dir
         out.mkdir(parents=True, exist_ok=True)
         adapter_path = out / "adapter.safetensors"
-        _atomic_write(adapter_path, global_model.adapter)
+        atomic_write(adapter_path, global_model.adapter)
         guarantee = describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant)
         summary = {
             "name": cfg.name, "mlflow_run_id": run.run_id, "rounds": f.rounds,
@@ -96,19 +96,14 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             "train_seconds": time.monotonic() - start,
             "config": cfg.model_dump(mode="json"),
         }
-        _atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
+        atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
         run.log_artifact(adapter_path, "adapter")
         run.log_artifact(out / "training.json")
         run.set_tags({"dplora.guarantee": guarantee})
+        run.finish()
         if p.mode == "sample":
             run.log_metrics({"epsilon_final": epsilon}, step=f.rounds)
     except BaseException:
         run.finish("FAILED")
         raise
     return summary
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)

@@ -19,6 +19,7 @@ from dplora_core.data import (
     prepare_splits,
     write_jsonl,
 )
+from dplora_core.io import atomic_write
 from tasks.runtime import partition_path, split_examples, split_path
 
 SOURCES = Path(__file__).resolve().parent.parent / "data" / "sources.json"
@@ -72,9 +73,5 @@ def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
         shards = partition_dirichlet([e.label for e in train], f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
     labels = TASKS[cfg.data.dataset].labels
     hist = [label_histogram([train[i] for i in s], labels) for s in shards]
-    out = partition_path(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"clients": shards, "label_histograms": hist}))
-    tmp.replace(out)
+    atomic_write(partition_path(cfg), json.dumps({"clients": shards, "label_histograms": hist}).encode())
     return hist

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
-from dplora_core.data import TASKS, DataError, Example, read_jsonl
+from dplora_core.data import TASKS, DataError, Example, read_jsonl, task_spec
 from dplora_core.model import attach_lora, load_base_model
 
 
@@ -68,18 +68,24 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     ids = read_partition(cfg)[client_id]
     if not ids:
         raise DataError(f"client {client_id}: has no training examples after partitioning")
-    task = TASKS[cfg.data.dataset]
+    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
     return tuple(encode(train[i], task, ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
+
+
+def label_ids(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Token id of each label word's first token, in TaskSpec.labels order."""
+    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
+    return tuple(label_token_ids(task, workspace(cfg.model, cfg.lora).tokenizer))
 
 
 @functools.cache
 def eval_prompts(cfg: ExperimentConfig, split: str) -> tuple[tuple[Encoded, ...], tuple[int, ...], tuple[int, ...]]:
     """(prompts without answers, gold label indices, label token ids) for a split."""
     ws = workspace(cfg.model, cfg.lora)
-    task = TASKS[cfg.data.dataset]
+    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
     examples = split_examples(cfg.data, split)
     prompts = tuple(
         encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples
     )
     gold = tuple(task.labels.index(e.label) for e in examples)
-    return prompts, gold, tuple(label_token_ids(task, ws.tokenizer))
+    return prompts, gold, label_ids(cfg)

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dplora_core.adapters import adapter_state, check_adapter, from_bytes, load_adapter_state, to_bytes
+from dplora_core.adapters import (
+    adapter_state,
+    check_adapter,
+    from_bytes,
+    load_adapter_state,
+    to_bytes,
+    upload_state,
+)
 from dplora_core.config import ExperimentConfig
 from dplora_core.evaluate import accuracy, macro_f1, predict
 from dplora_core.messages import ClientUpdate, GlobalModel
@@ -16,7 +23,7 @@ from dplora_core.privacy.accountant import calibrate_noise_multiplier
 from dplora_core.privacy.mechanisms import noise_generator
 from dplora_core.strategy import FedAvg, Strategy
 from dplora_core.train import DpSgdParams, train_local
-from tasks.runtime import client_data, eval_prompts, read_partition, workspace
+from tasks.runtime import client_data, eval_prompts, label_ids, read_partition, workspace
 
 
 @task(name="plan-privacy", cache_policy=NO_CACHE)
@@ -74,8 +81,9 @@ def train_client(
         result = train_local(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
+            label_ids=label_ids(cfg) if f.loss == "label_words" else None,
         )
-        state = adapter_state(ws.model)
+        state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
         train_loss=result.mean_loss, dp_run=result.dp_run,
@@ -87,14 +95,15 @@ def aggregate(
     cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], strategy: Strategy | None = None
 ) -> GlobalModel:
     """Check each client's adapter, then combine them with the strategy (FedAvg by default)."""
-    reference = from_bytes(global_model.adapter, source="global adapter")
+    current = from_bytes(global_model.adapter, source="global adapter")
+    reference = upload_state(current, freeze_a=cfg.lora.freeze_a)
     states = []
     for u in updates:
         state = from_bytes(u.adapter, source=f"client {u.client_id}")
         check_adapter(state, reference, source=f"client {u.client_id} update, round {u.round}")
         states.append(state)
     merged = (strategy or FedAvg()).aggregate(states, [u.num_examples for u in updates])
-    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(merged))
+    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -66,3 +66,13 @@ def test_load_rejects_wrong_shape_and_non_finite(tiny_model_dir: Path) -> None:
 def test_garbage_payload_is_an_adapter_error() -> None:
     with pytest.raises(AdapterError, match="client 2: not a safetensors"):
         from_bytes(b"\x80\x04pickle-ish", source="client 2")
+
+
+def test_upload_under_freeze_a_holds_only_b(tiny_model_dir: Path) -> None:
+    from dplora_core.adapters import upload_state
+
+    model, _ = lora_model(tiny_model_dir)
+    state = adapter_state(model)
+    up = upload_state(state, freeze_a=True)
+    assert up and all(".lora_B." in k for k in up)
+    assert set(upload_state(state, freeze_a=False)) == set(state)

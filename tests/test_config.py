@@ -35,6 +35,7 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"lora": {"rnak": 4}}, "lora.rnak", "Extra inputs are not permitted"),
         ({"data": {"dataset": "imdb"}}, "data.dataset", "financial_phrasebank"),
         ({"federation": {"batch_size": 8, "microbatch_size": 16}}, "microbatch_size (16) must be <=", ""),
+        ({"data": {"prompt_template": "Sentiment:"}}, "data.prompt_template", "{text}"),
     ],
 )
 def test_bad_config_names_field_and_reason(tmp_path: Path, tree: dict, field: str, reason: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dplora_core.adapters import load_adapter_state
-from dplora_core.batching import collate, encode
+from dplora_core.batching import collate, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
 from dplora_core.model import attach_lora, init_lora_state, load_base_model
@@ -21,9 +21,12 @@ TEXTS = [
 ]
 
 
-def setup(model_dir: Path, dropout: float = 0.0):
+LOSSES = ["lm", "label_words"]
+
+
+def setup(model_dir: Path, dropout: float = 0.0, freeze_a: bool = False):
     base, tok = load_base_model(ModelConfig(path=str(model_dir), gguf_file=None, device="cpu"))
-    model = attach_lora(base, LoraConfig(rank=2, alpha=4, dropout=dropout))
+    model = attach_lora(base, LoraConfig(rank=2, alpha=4, dropout=dropout, freeze_a=freeze_a))
     state = init_lora_state(model, seed=1)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in state.items()}
     load_adapter_state(model, state, source="test")  # B != 0 so A gets gradients too
@@ -36,27 +39,37 @@ def params_of(model) -> list[torch.Tensor]:
     return [m.weight for m in trainable_linears(model)]
 
 
-def test_per_example_grads_equal_a_loop_of_single_examples(tiny_model_dir: Path) -> None:
-    model, tok, data = setup(tiny_model_dir)
+def label_ids_for(tok, loss: str) -> list[int] | None:
+    return label_token_ids(TASKS["financial_phrasebank"], tok) if loss == "label_words" else None
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_per_example_grads_equal_a_loop_of_single_examples(tiny_model_dir: Path, loss: str, freeze_a: bool) -> None:
+    model, tok, data = setup(tiny_model_dir, freeze_a=freeze_a)
+    ids = label_ids_for(tok, loss)
     modules = trainable_linears(model)
     with per_example_grads(modules) as grads:
-        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+        answer_nll(model, collate(data, pad_id=tok.pad_token_id), ids).sum().backward()
     batched = [grads[m] for m in modules]  # each (b, out, in)
     for i, item in enumerate(data):
         model.zero_grad(set_to_none=True)
-        answer_nll(model, collate([item], pad_id=tok.pad_token_id)).sum().backward()
+        answer_nll(model, collate([item], pad_id=tok.pad_token_id), ids).sum().backward()
         for g, m in zip(batched, modules, strict=True):
             torch.testing.assert_close(g[i], m.weight.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_zero_noise_and_no_clipping_equals_plain_step(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("loss", LOSSES)
+def test_zero_noise_and_no_clipping_equals_plain_step(tiny_model_dir: Path, loss: str) -> None:
     model, tok, data = setup(tiny_model_dir)
+    ids = label_ids_for(tok, loss)
     mbs = [collate(data[:4], pad_id=tok.pad_token_id), collate(data[4:], pad_id=tok.pad_token_id)]
-    plain_gradients(model, mbs, batch_size=len(data))
+    plain_gradients(model, mbs, batch_size=len(data), label_ids=ids)
     plain = [p.grad.clone() for p in params_of(model)]
     model.zero_grad(set_to_none=True)
     dp = DpSgdParams(noise_multiplier=0.0, max_grad_norm=float("inf"), sample_rate=1.0)
-    dp_gradients(model, mbs, dp=dp, expected_batch_size=len(data), generator=torch.Generator().manual_seed(0))
+    dp_gradients(model, mbs, dp=dp, expected_batch_size=len(data), generator=torch.Generator().manual_seed(0),
+                 label_ids=ids)
     for p, g in zip(params_of(model), plain, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
@@ -136,3 +149,29 @@ def test_trainable_linears_are_exactly_the_lora_weights(tiny_model_dir: Path, dr
     model, _, _ = setup(tiny_model_dir, dropout)
     names = {id(m.weight) for m in trainable_linears(model)}
     assert names == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_label_word_loss_is_cross_entropy_among_the_label_words(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    ids = label_ids_for(tok, "label_words")
+    batch = collate(data, pad_id=tok.pad_token_id)
+    loss = answer_nll(model, batch, ids)  # (b,)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for i, (_, label) in enumerate(TEXTS):
+        last = int(batch.attention_mask[i].sum()) - 2  # the position before the single answer token
+        scores = logits[i, last, ids].float()
+        expected = -torch.log_softmax(scores, 0)[TASKS["financial_phrasebank"].labels.index(label)]
+        torch.testing.assert_close(loss[i], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_freeze_a_trains_only_b(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir, freeze_a=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    train_local(model, data, steps=2, batch_size=4, microbatch_size=2, learning_rate=1e-2,
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                dp=DpSgdParams(1.0, 1.0, 4 / len(data)))
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n

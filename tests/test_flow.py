@@ -77,3 +77,21 @@ def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
     evil = ClientUpdate(client_id=1, round=1, num_examples=5, adapter=bad, train_loss=1.0, dp_run=None)
     with pytest.raises(AdapterError, match=r"client 1 update, round 1: .* non-finite"):
         aggregate.fn(cfg, global_model, [good, evil])
+
+
+def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
+    cfg, _ = finished
+    ffa = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"freeze_a": True})})
+    global_model = init_adapter.fn(cfg)
+    state = from_bytes(global_model.adapter, source="test")
+    b_keys = [k for k in state if ".lora_B." in k]
+    updates = [
+        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None,
+                     adapter=to_bytes({k: torch.full_like(state[k], value) for k in b_keys}))
+        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
+    ]
+    merged = from_bytes(aggregate.fn(ffa, global_model, updates).adapter, source="test")
+    assert set(merged) == set(state)
+    for key, value in merged.items():
+        expected = state[key] if ".lora_A." in key else torch.full_like(value, (1 * 1.0 + 3 * 5.0) / 4)
+        torch.testing.assert_close(value, expected)
