@@ -84,7 +84,9 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             "privacy": {
                 "mode": p.mode, "epsilon": epsilon if np.isfinite(epsilon) else None, "delta": p.delta,
                 "accountant": p.accountant, "noise_multipliers": sigmas,
-                "per_client_epsilon": {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()},
+                "per_client_epsilon": (
+                    {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()} if p.mode == "sample" else {}
+                ),
                 "guarantee": guarantee,
                 "ledgers": {k: ledger.state_dict() for k, ledger in ledgers.items()},
             },

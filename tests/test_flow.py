@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from dplora_core.adapters import AdapterError, from_bytes, to_bytes
 from dplora_core.messages import ClientUpdate
 from flows.pipeline import dplora_pipeline
-from tasks.training import aggregate, init_adapter
+from tasks.training import aggregate, init_adapter, plan_noise
 from tests.helpers import tiny_config
 
 
@@ -95,3 +95,27 @@ def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
     for key, value in merged.items():
         expected = state[key] if ".lora_A." in key else torch.full_like(value, (1 * 1.0 + 3 * 5.0) / 4)
         torch.testing.assert_close(value, expected)
+
+
+def test_non_private_baseline_reports_no_guarantee(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    from flows.report import format_summary
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="none", privacy__target_epsilon=None,
+                      federation__rounds=1)
+    metrics = dplora_pipeline(cfg)
+    assert metrics["privacy"]["epsilon"] is None
+    assert metrics["privacy"]["per_client_epsilon"] == {}
+    assert "no differential privacy" in metrics["privacy"]["guarantee"]
+    table = format_summary(metrics)
+    assert "infinity (no DP)" in table
+    run = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"])
+    assert "epsilon" not in run.data.metrics
+
+
+def test_delta_too_large_for_a_client_is_refused_before_training(finished) -> None:
+    cfg, _ = finished
+    bad = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.5})})
+    with pytest.raises(ValueError, match=r"privacy\.delta \(0\.5\) must be < 1/n .* client 0"):
+        plan_noise.fn(bad)
