@@ -12,24 +12,35 @@ from dplora_core.model import backbone_and_head
 
 
 @torch.inference_mode()
-def predict(
+def label_scores(
     model: nn.Module, prompts: Sequence[Encoded], label_ids: Sequence[int], *, pad_id: int, batch_size: int
-) -> list[int]:
-    """Index of the predicted label for each prompt (prompts carry no answer tokens)."""
+) -> torch.Tensor:
+    """Logit of each label word's first token after each prompt: (n, L), float32 on the CPU."""
     backbone, head = backbone_and_head(model)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))  # less padding
-    preds = [0] * len(prompts)
+    scores = torch.zeros(len(prompts), len(label_ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate([prompts[i] for i in chunk], pad_id=pad_id).to(device)
         hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         last = batch.attention_mask.sum(dim=1) - 1  # (b,) index of each prompt's final token
         h = hidden[torch.arange(len(chunk), device=device), last]  # (b, h)
-        scores = head(h)[:, list(label_ids)]  # (b, L) label logits (the softmax normaliser is shared)
-        for i, p in zip(chunk, scores.argmax(dim=1).tolist(), strict=True):
-            preds[i] = p
-    return preds
+        scores[chunk] = head(h)[:, list(label_ids)].float().cpu()  # (b, L)
+    return scores
+
+
+def predict(
+    model: nn.Module, prompts: Sequence[Encoded], label_ids: Sequence[int], *, pad_id: int, batch_size: int
+) -> list[int]:
+    """Index of the predicted label for each prompt (prompts carry no answer tokens)."""
+    scores = label_scores(model, prompts, label_ids, pad_id=pad_id, batch_size=batch_size)
+    return [int(i) for i in scores.argmax(dim=1).tolist()]
+
+
+def label_word_loss(scores: torch.Tensor, y_true: Sequence[int]) -> float:
+    """Mean cross-entropy among the label words (the `label_words` training loss), from label_scores."""
+    return float(torch.nn.functional.cross_entropy(scores, torch.tensor(list(y_true))))
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:

@@ -23,5 +23,5 @@ class ClientUpdate:
     round: int
     num_examples: int  # size of the client's dataset (treated as public, as in DP-SGD)
     adapter: bytes  # safetensors; already noised when DP is on
-    train_loss: float
+    train_loss: float | None  # only without DP: a raw loss is not covered by the DP guarantee
     dp_run: DpSgdRun | None  # None in mode 'none'

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.io import atomic_write
+from dplora_core.messages import ClientUpdate
 from dplora_core.privacy.accountant import PrivacyLedger, describe_guarantee
 from flows.tracking import ExperimentRun
 from tasks.training import aggregate, evaluate, full_model_bytes, init_adapter, plan_noise, train_client
@@ -58,9 +59,8 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             row: dict[str, Any] = {
                 "round": r,
                 "clients": clients,
-                "train_loss": float(
-                    np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates])
-                ),
+                "train_loss": _weighted_train_loss(updates),
+                "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"],
                 "val_macro_f1": val["macro_f1"],
                 "epsilon": epsilon,
@@ -68,10 +68,13 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
                 "bytes_down": round_down,
             }
             history.append(row)
-            run.log_metrics({k: v for k, v in row.items() if k not in ("round", "clients") and np.isfinite(v)}, step=r)
+            run.log_metrics(
+                {k: v for k, v in row.items() if k not in ("round", "clients") and v is not None and np.isfinite(v)},
+                step=r,
+            )
             log.info(
-                "round %d/%d: clients %s, loss %.4f, val acc %.4f, macro-F1 %.4f, epsilon %.3f",
-                r, f.rounds, clients, row["train_loss"], val["accuracy"], val["macro_f1"], epsilon,
+                "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f, epsilon %.3f",
+                r, f.rounds, clients, val["loss"], val["accuracy"], val["macro_f1"], epsilon,
             )
         out = cfg.run_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -109,3 +112,10 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         run.finish("FAILED")
         raise
     return summary
+
+
+def _weighted_train_loss(updates: list[ClientUpdate]) -> float | None:
+    """Example-weighted mean of the clients' training losses; None under DP, where clients do not send them."""
+    if any(u.train_loss is None for u in updates):
+        return None
+    return float(np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates]))

@@ -16,7 +16,7 @@ from dplora_core.adapters import (
     upload_state,
 )
 from dplora_core.config import ExperimentConfig
-from dplora_core.evaluate import accuracy, macro_f1, predict
+from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
 from dplora_core.privacy.accountant import calibrate_noise_multiplier
@@ -86,7 +86,8 @@ def train_client(
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
-        train_loss=result.mean_loss, dp_run=result.dp_run,
+        # Under DP the raw training loss would be an unaccounted release of the client's records: not sent.
+        train_loss=result.mean_loss if dp is None else None, dp_run=result.dp_run,
     )
 
 
@@ -111,15 +112,19 @@ def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[s
     """Accuracy and macro-F1 on a split, with the given adapter (None: the base model, zero-shot)."""
     ws = workspace(cfg.model, cfg.lora)
     prompts, gold, label_ids = eval_prompts(cfg, split)
+    batch_size = cfg.evaluation.batch_size
     with ws.lock:
         if adapter is None:
             with ws.model.disable_adapter():
-                preds = predict(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size)
+                scores = label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
         else:
             load_adapter_state(ws.model, from_bytes(adapter, source="adapter"), source="adapter")
-            preds = predict(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size)
-    num_labels = len(label_ids)
-    return {"accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, num_labels), "n": len(gold)}
+            scores = label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
+    preds = scores.argmax(dim=1).tolist()
+    return {
+        "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
+        "loss": label_word_loss(scores, gold), "n": len(gold),
+    }
 
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:

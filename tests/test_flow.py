@@ -55,12 +55,13 @@ def test_mlflow_run_holds_config_round_metrics_and_adapter(finished) -> None:
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.params["privacy.delta"] == str(cfg.privacy.delta)
     assert run.data.params["federation.num_clients"] == "2"
-    for key in ("train_loss", "val_accuracy", "val_macro_f1", "epsilon", "bytes_up", "bytes_down"):
+    for key in ("val_loss", "val_accuracy", "val_macro_f1", "epsilon", "bytes_up", "bytes_down"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
     eps = [m.value for m in client.get_metric_history(run.info.run_id, "epsilon")]
     assert eps[0] < eps[1] == pytest.approx(metrics["privacy"]["epsilon"])
     assert "test_accuracy" in run.data.metrics
+    assert "train_loss" not in run.data.metrics  # a raw client loss would be outside the DP guarantee
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter.safetensors" in artifacts
     assert run.info.status == "FINISHED"
@@ -112,6 +113,7 @@ def test_non_private_baseline_reports_no_guarantee(
     assert "infinity (no DP)" in table
     run = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"])
     assert "epsilon" not in run.data.metrics
+    assert "train_loss" in run.data.metrics  # without DP the clients' loss may travel
 
 
 def test_delta_too_large_for_a_client_is_refused_before_training(finished) -> None:
