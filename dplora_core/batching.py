@@ -47,7 +47,7 @@ def encode(
             raise ValueError(
                 f"example {example.id}: prompt without its text needs more than model.max_seq_len={max_len} tokens"
             )
-        text = str(tokenizer.decode(text_ids[: len(text_ids) - overflow - 2]))
+        text = str(tokenizer.decode(text_ids[: max(len(text_ids) - overflow - 2, 0)]))
         prompt = tokenizer(task.prompt(example, text)).input_ids
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, example.label)
 

@@ -33,6 +33,12 @@ class DpSgdParams:
     sample_rate: float  # q
 
 
+def sample_rate(batch_size: int, n: int) -> float:
+    """Poisson sampling rate q = B / n of a client with n records (capped at 1): one definition for the
+    mechanism and the accountant."""
+    return min(1.0, batch_size / n)
+
+
 @dataclass(frozen=True)
 class LocalResult:
     mean_loss: float  # mean per-example loss over the examples seen

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command][0](cfg, args)
-    except (DataError, AdapterError, FileNotFoundError, ValueError) as err:
+    except (DataError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"dplora {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -27,6 +27,8 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     zero_shot = evaluate(config, None, "test")
     final = evaluate(config, adapter_path.read_bytes(), "test")
     _, gold, label_ids = eval_prompts(config, "test")
+    if not gold:
+        raise DataError(f"{config.data.prepared_dir}: the test split of {config.data.dataset} is empty")
     majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
     metrics = {
         "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority},

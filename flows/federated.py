@@ -80,7 +80,9 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         adapter_path = out / "adapter.safetensors"
         atomic_write(adapter_path, global_model.adapter)
-        guarantee = describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant)
+        guarantee = describe_guarantee(
+            mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant, fixed_seed=p.noise_seed is not None
+        )
         summary = {
             "name": cfg.name, "mlflow_run_id": run.run_id, "rounds": f.rounds,
             "num_clients": f.num_clients, "clients_per_round": f.clients_per_round,
@@ -105,9 +107,9 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
         run.log_artifact(adapter_path, "adapter")
         run.log_artifact(out / "training.json")
         run.set_tags({"dplora.guarantee": guarantee})
-        run.finish()
         if p.mode == "sample":
             run.log_metrics({"epsilon_final": epsilon}, step=f.rounds)
+        run.finish()  # last: a failure above marks the run FAILED, never a finished run
     except BaseException:
         run.finish("FAILED")
         raise

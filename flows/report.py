@@ -24,7 +24,8 @@ def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -
         ("rounds x clients", f"{metrics['rounds']} x {metrics['num_clients']}"),
         ("bytes up / down (LoRA)", f"{_mib(b['up'])} / {_mib(b['down'])}"),
         ("full-model exchange (fp32)", f"{_mib(b['full_model_up'])} / {_mib(b['full_model_down'])}"),
-        ("communication saving", f"{b['full_model_up'] / max(b['up'], 1):,.0f}x"),
+        ("upload saving vs full model", f"{b['full_model_up'] / max(b['up'], 1):,.0f}x"),
+        ("download saving vs full model", f"{b['full_model_down'] / max(b['down'], 1):,.0f}x"),
         ("training wall time", f"{metrics['train_seconds']:.0f} s"),
     ]
     if wall_seconds is not None:

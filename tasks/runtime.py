@@ -57,6 +57,10 @@ def read_partition(cfg: ExperimentConfig) -> list[list[int]]:
     shards: list[list[int]] = json.loads(path.read_text())["clients"]
     if len(shards) != cfg.federation.num_clients:
         raise DataError(f"{path}: has {len(shards)} clients, config says {cfg.federation.num_clients}")
+    n = len(split_examples(cfg.data, "train"))
+    for k, shard in enumerate(shards):
+        if any(not 0 <= i < n for i in shard):
+            raise DataError(f"{path}: client {k} indexes records outside the {n} training examples (stale partition?)")
     return shards
 
 
@@ -72,7 +76,7 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     return tuple(encode(train[i], task, ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
 
 
-def label_ids(cfg: ExperimentConfig) -> tuple[int, ...]:
+def label_ids_of(cfg: ExperimentConfig) -> tuple[int, ...]:
     """Token id of each label word's first token, in TaskSpec.labels order."""
     task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
     return tuple(label_token_ids(task, workspace(cfg.model, cfg.lora).tokenizer))
@@ -88,4 +92,4 @@ def eval_prompts(cfg: ExperimentConfig, split: str) -> tuple[tuple[Encoded, ...]
         encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples
     )
     gold = tuple(task.labels.index(e.label) for e in examples)
-    return prompts, gold, label_ids(cfg)
+    return prompts, gold, label_ids_of(cfg)

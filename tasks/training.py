@@ -16,14 +16,18 @@ from dplora_core.adapters import (
     upload_state,
 )
 from dplora_core.config import ExperimentConfig
+from dplora_core.data import DataError
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
 from dplora_core.privacy.accountant import calibrate_noise_multiplier
 from dplora_core.privacy.mechanisms import noise_generator
 from dplora_core.strategy import FedAvg, Strategy
-from dplora_core.train import DpSgdParams, train_local
-from tasks.runtime import client_data, eval_prompts, label_ids, read_partition, workspace
+from dplora_core.train import DpSgdParams, sample_rate, train_local
+from tasks.runtime import client_data, eval_prompts, label_ids_of, read_partition, workspace
+
+# A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
+MAX_DELTA_TIMES_N = 0.1
 
 
 @task(name="plan-privacy", cache_policy=NO_CACHE)
@@ -34,14 +38,19 @@ def plan_noise(cfg: ExperimentConfig) -> dict[int, float]:
         return {}
     sizes = [len(s) for s in read_partition(cfg)]
     for k, n in enumerate(sizes):
-        if p.delta >= 1 / n:
-            raise ValueError(f"privacy.delta ({p.delta}) must be < 1/n = {1 / n:.2e} for client {k} ({n} records)")
+        if n == 0:
+            raise DataError(f"client {k}: has no training examples after partitioning")
+        if p.delta * n > MAX_DELTA_TIMES_N:
+            raise ValueError(
+                f"privacy.delta ({p.delta}) is too large for client {k} ({n} records): "
+                f"delta * n = {p.delta * n:.3g} must be <= {MAX_DELTA_TIMES_N} (delta << 1/n)"
+            )
     if p.noise_multiplier is not None:
         return {k: p.noise_multiplier for k in range(len(sizes))}
     assert p.target_epsilon is not None
     return {
         k: calibrate_noise_multiplier(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=min(1.0, f.batch_size / n),
+            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
             steps=f.rounds * f.local_steps, kind=p.accountant,
         )
         for k, n in enumerate(sizes)
@@ -73,7 +82,7 @@ def train_client(
     dp = None
     if p.mode == "sample":
         assert noise_multiplier is not None
-        dp = DpSgdParams(noise_multiplier, p.max_grad_norm, min(1.0, f.batch_size / len(data)))
+        dp = DpSgdParams(noise_multiplier, p.max_grad_norm, sample_rate(f.batch_size, len(data)))
     seed = p.noise_seed if dp is not None else f.seed
     generator = noise_generator(seed, round_num, client_id, device=device)
     with ws.lock:
@@ -81,7 +90,7 @@ def train_client(
         result = train_local(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
-            label_ids=label_ids(cfg) if f.loss == "label_words" else None,
+            label_ids=label_ids_of(cfg) if f.loss == "label_words" else None,
         )
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     return ClientUpdate(

@@ -92,10 +92,14 @@ def test_clipped_per_example_gradients_never_exceed_c(tiny_model_dir: Path) -> N
     with per_example_grads(modules) as grads:
         answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
     samples = [grads[m] for m in modules]
-    c = 0.5 * float(M.per_example_norms(samples).min())  # every example needs clipping
+    # Reference norm, computed independently: each example's gradient over all parameters, flattened.
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in samples], dim=1)  # (b, d)
+    torch.testing.assert_close(M.per_example_norms(samples), flat.norm(dim=1))
+    c = 0.5 * float(flat.norm(dim=1).min())  # every example needs clipping
     factors = M.clip_factors(M.per_example_norms(samples), c)
-    clipped = [g * factors.view(-1, *([1] * (g.dim() - 1))) for g in samples]
-    assert (M.per_example_norms(clipped) <= c * (1 + 1e-5)).all()
+    for i in range(flat.shape[0]):
+        one = M.clipped_sum([g[i : i + 1] for g in samples], factors[i : i + 1])  # example i alone
+        assert float(torch.cat([t.flatten() for t in one]).norm()) <= c * (1 + 1e-5)
 
 
 def test_gaussian_noise_has_the_calibrated_std() -> None:
@@ -175,3 +179,37 @@ def test_freeze_a_trains_only_b(tiny_model_dir: Path) -> None:
     for n, p in model.named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), n
+
+
+def test_dp_noise_on_the_averaged_gradient_has_std_sigma_c_over_b(tiny_model_dir: Path) -> None:
+    """An empty Poisson batch leaves pure noise: its std must be sigma * C / B (B the expected batch)."""
+    model, _, _ = setup(tiny_model_dir)
+    dp = DpSgdParams(noise_multiplier=1.3, max_grad_norm=0.7, sample_rate=0.5)
+    grads = []
+    for seed in range(40):
+        dp_gradients(model, [], dp=dp, expected_batch_size=10.0, generator=torch.Generator().manual_seed(seed))
+        grads.append(torch.cat([p.grad.flatten() for p in params_of(model)]))
+    sample = torch.cat(grads)  # n = 40 * d normals
+    expected = 1.3 * 0.7 / 10.0
+    assert abs(float(sample.std()) / expected - 1) < 6 / (2 * sample.numel()) ** 0.5
+
+
+def test_dp_training_leaves_the_global_rng_untouched(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    train_local(model, data, steps=2, batch_size=4, microbatch_size=2, learning_rate=1e-2,
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                dp=DpSgdParams(1.0, 1.0, 4 / len(data)))
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_per_example_grads_sum_to_the_batch_gradient_with_dropout(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir, dropout=0.3)
+    model.train()
+    modules = trainable_linears(model)
+    torch.manual_seed(1)  # dropout masks come from the global RNG; per-example and batch grads share them
+    with per_example_grads(modules) as grads:
+        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+    for m in modules:
+        torch.testing.assert_close(grads[m].sum(dim=0), m.weight.grad, atol=1e-6, rtol=1e-5)

@@ -119,5 +119,27 @@ def test_non_private_baseline_reports_no_guarantee(
 def test_delta_too_large_for_a_client_is_refused_before_training(finished) -> None:
     cfg, _ = finished
     bad = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.5})})
-    with pytest.raises(ValueError, match=r"privacy\.delta \(0\.5\) must be < 1/n .* client 0"):
+    with pytest.raises(ValueError, match=r"privacy\.delta \(0\.5\) is too large for client 0 .* delta \* n"):
         plan_noise.fn(bad)
+
+
+def test_stale_partition_is_named_not_an_index_error(finished, tmp_path: Path) -> None:
+    import shutil
+
+    from dplora_core.data import DataError
+    from tasks.runtime import read_partition
+
+    cfg, _ = finished
+    other = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"output_dir": str(tmp_path)})})
+    other.run_dir.mkdir(parents=True)
+    shutil.copy(cfg.run_dir / "partition.json", other.run_dir / "partition.json")
+    stale = json.loads((other.run_dir / "partition.json").read_text())
+    stale["clients"][1].append(10_000)
+    (other.run_dir / "partition.json").write_text(json.dumps(stale))
+    with pytest.raises(DataError, match=r"partition\.json: client 1 indexes records outside"):
+        read_partition(other)
+
+
+def test_fixed_noise_seed_is_flagged_in_the_guarantee(finished) -> None:
+    _, metrics = finished
+    assert "VOID against anyone who knows privacy.noise_seed" in metrics["privacy"]["guarantee"]

@@ -115,16 +115,26 @@ def calibrate_noise_multiplier(
 
 
 RELATIONS = {
-    "sample": "record-level: adding or removing one record of one client's dataset",
+    "sample": (
+        "record-level: adding or removing one record of one client's dataset "
+        "(client dataset sizes treated as public)"
+    ),
     "none": "none: no differential privacy",
 }
 
 
-def describe_guarantee(*, mode: str, epsilon: float, delta: float, kind: AccountantKind) -> str:
+def describe_guarantee(
+    *, mode: str, epsilon: float, delta: float, kind: AccountantKind, fixed_seed: bool = False
+) -> str:
     """One line an auditor can check: epsilon, delta, neighbouring relation, accountant."""
     if mode == "none":
         return "no differential privacy (privacy.mode = none): epsilon = infinity"
-    return (
+    text = (
         f"(epsilon = {epsilon:.3f}, delta = {delta:g})-DP, {RELATIONS[mode]}; "
         f"{ACCOUNTANT_NAMES[kind]}, Poisson-subsampled Gaussian DP-SGD; worst client"
     )
+    if fixed_seed:
+        text += (
+            "; VOID against anyone who knows privacy.noise_seed (fixed seed: reproducible experiments only)"
+        )
+    return text
