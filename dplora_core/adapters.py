@@ -60,7 +60,3 @@ def from_bytes(payload: bytes, *, source: str) -> AdapterState:
         return dict(st_load(payload))
     except Exception as err:  # safetensors raises its own error types
         raise AdapterError(f"{source}: not a safetensors adapter payload: {err}") from err
-
-
-def num_bytes(state: AdapterState) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
