@@ -143,3 +143,23 @@ def test_stale_partition_is_named_not_an_index_error(finished, tmp_path: Path) -
 def test_fixed_noise_seed_is_flagged_in_the_guarantee(finished) -> None:
     _, metrics = finished
     assert "VOID against anyone who knows privacy.noise_seed" in metrics["privacy"]["guarantee"]
+
+
+def test_demo_shape_freeze_a_with_os_entropy_noise(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """The demo's path: FFA-LoRA, label-word loss, noise from OS entropy. Only B travels up; A never moves."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, lora__freeze_a=True, privacy__noise_seed=None,
+                      federation__rounds=1)
+    metrics = dplora_pipeline(cfg)
+    assert "VOID" not in metrics["privacy"]["guarantee"]
+    assert 0.9 * 8.0 < metrics["privacy"]["epsilon"] <= 8.0
+    final = from_bytes((cfg.run_dir / "adapter.safetensors").read_bytes(), source="test")
+    initial = from_bytes(init_adapter.fn(cfg).adapter, source="test")
+    for key, value in final.items():
+        if ".lora_A." in key:
+            torch.testing.assert_close(value, initial[key])
+        else:
+            assert not torch.equal(value, initial[key]), key  # B trained (and noised)
+    b = metrics["bytes"]
+    assert b["up"] < 0.75 * b["down"]  # uploads carry B only; downloads the whole adapter
