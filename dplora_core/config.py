@@ -123,7 +123,6 @@ class DataConfig(_Strict):
     max_test_examples: int | None = Field(None, ge=1)
     max_train_examples: int | None = Field(None, ge=1, description="Cap on the train split (tests).")
 
-
     @field_validator("prompt_template")
     @classmethod
     def _template_has_text(cls, value: str | None) -> str | None:

@@ -59,6 +59,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
 }
 
+
 def task_spec(dataset: str, template: str | None = None) -> TaskSpec:
     """The dataset's labels with its default prompt, or with `template` instead."""
     spec = TASKS[dataset]

@@ -30,14 +30,6 @@ def label_scores(
     return scores
 
 
-def predict(
-    model: nn.Module, prompts: Sequence[Encoded], label_ids: Sequence[int], *, pad_id: int, batch_size: int
-) -> list[int]:
-    """Index of the predicted label for each prompt (prompts carry no answer tokens)."""
-    scores = label_scores(model, prompts, label_ids, pad_id=pad_id, batch_size=batch_size)
-    return [int(i) for i in scores.argmax(dim=1).tolist()]
-
-
 def label_word_loss(scores: torch.Tensor, y_true: Sequence[int]) -> float:
     """Mean cross-entropy among the label words (the `label_words` training loss), from label_scores."""
     return float(torch.nn.functional.cross_entropy(scores, torch.tensor(list(y_true))))

@@ -38,6 +38,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     client_rounds = 0  # client participations, for the full-model exchange comparison
     epsilon = 0.0 if p.mode == "sample" else float("inf")
+    per_client_epsilon: dict[int, float] = {}  # record-level epsilon each client has spent; empty without DP
     try:
         for r in range(1, f.rounds + 1):
             clients = sample_clients(rng, f.num_clients, f.clients_per_round)
@@ -55,7 +56,8 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             global_model = aggregate(cfg, global_model, updates)
             val = evaluate(cfg, global_model.adapter, "validation")
             if p.mode == "sample":
-                epsilon = max(ledger.epsilon(delta=p.delta) for ledger in ledgers.values())
+                per_client_epsilon = {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()}
+                epsilon = max(per_client_epsilon.values())
             row: dict[str, Any] = {
                 "round": r,
                 "clients": clients,
@@ -89,9 +91,7 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
             "privacy": {
                 "mode": p.mode, "epsilon": epsilon if np.isfinite(epsilon) else None, "delta": p.delta,
                 "accountant": p.accountant, "noise_multipliers": sigmas,
-                "per_client_epsilon": (
-                    {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()} if p.mode == "sample" else {}
-                ),
+                "per_client_epsilon": per_client_epsilon,
                 "guarantee": guarantee,
                 "ledgers": {k: ledger.state_dict() for k, ledger in ledgers.items()},
             },

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
-from dplora_core.data import TASKS, DataError, Example, read_jsonl, task_spec
+from dplora_core.data import TASKS, DataError, Example, TaskSpec, read_jsonl, task_spec
 from dplora_core.model import attach_lora, load_base_model
 
 
@@ -59,6 +59,8 @@ def read_partition(cfg: ExperimentConfig) -> list[list[int]]:
         raise DataError(f"{path}: has {len(shards)} clients, config says {cfg.federation.num_clients}")
     n = len(split_examples(cfg.data, "train"))
     for k, shard in enumerate(shards):
+        if not shard:
+            raise DataError(f"{path}: client {k} has no training examples after partitioning")
         if any(not 0 <= i < n for i in shard):
             raise DataError(f"{path}: client {k} indexes records outside the {n} training examples (stale partition?)")
     return shards
@@ -70,23 +72,25 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     ws = workspace(cfg.model, cfg.lora)
     train = split_examples(cfg.data, "train")
     ids = read_partition(cfg)[client_id]
-    if not ids:
-        raise DataError(f"client {client_id}: has no training examples after partitioning")
-    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
-    return tuple(encode(train[i], task, ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
+    return tuple(encode(train[i], task_of(cfg), ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
 
 
+def task_of(cfg: ExperimentConfig) -> TaskSpec:
+    """The configured dataset's labels and prompt."""
+    return task_spec(cfg.data.dataset, cfg.data.prompt_template)
+
+
+@functools.cache
 def label_ids_of(cfg: ExperimentConfig) -> tuple[int, ...]:
     """Token id of each label word's first token, in TaskSpec.labels order."""
-    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
-    return tuple(label_token_ids(task, workspace(cfg.model, cfg.lora).tokenizer))
+    return tuple(label_token_ids(task_of(cfg), workspace(cfg.model, cfg.lora).tokenizer))
 
 
 @functools.cache
 def eval_prompts(cfg: ExperimentConfig, split: str) -> tuple[tuple[Encoded, ...], tuple[int, ...], tuple[int, ...]]:
     """(prompts without answers, gold label indices, label token ids) for a split."""
     ws = workspace(cfg.model, cfg.lora)
-    task = task_spec(cfg.data.dataset, cfg.data.prompt_template)
+    task = task_of(cfg)
     examples = split_examples(cfg.data, split)
     prompts = tuple(
         encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples

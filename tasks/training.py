@@ -16,7 +16,6 @@ from dplora_core.adapters import (
     upload_state,
 )
 from dplora_core.config import ExperimentConfig
-from dplora_core.data import DataError
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
@@ -38,8 +37,6 @@ def plan_noise(cfg: ExperimentConfig) -> dict[int, float]:
         return {}
     sizes = [len(s) for s in read_partition(cfg)]
     for k, n in enumerate(sizes):
-        if n == 0:
-            raise DataError(f"client {k}: has no training examples after partitioning")
         if p.delta * n > MAX_DELTA_TIMES_N:
             raise ValueError(
                 f"privacy.delta ({p.delta}) is too large for client {k} ({n} records): "
