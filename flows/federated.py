@@ -75,8 +75,9 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
                 step=r,
             )
             log.info(
-                "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f, epsilon %.3f",
-                r, f.rounds, clients, val["loss"], val["accuracy"], val["macro_f1"], epsilon,
+                "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
+                r, f.rounds, clients, val["loss"], val["accuracy"], val["macro_f1"],
+                describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant),
             )
         out = cfg.run_dir
         out.mkdir(parents=True, exist_ok=True)
