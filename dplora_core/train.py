@@ -23,7 +23,7 @@ from dplora_core.batching import IGNORE, Batch, Encoded, collate
 from dplora_core.model import backbone_and_head
 from dplora_core.privacy import mechanisms as M
 from dplora_core.privacy.accountant import DpSgdRun
-from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
+from dplora_core.privacy.grad_sample import PerExampleGrads, per_example_grads, trainable_linears
 
 
 @dataclass(frozen=True)
@@ -104,21 +104,22 @@ def dp_gradients(
 ) -> float:
     """Fill .grad with (sum of clipped per-example grads + N(0, sigma^2 C^2)) / B; return the loss sum."""
     modules = trainable_linears(model)
-    params = [m.weight for m in modules]
-    summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    device = modules[0].weight.device
+    summed = torch.zeros(sum(m.weight.numel() for m in modules), device=device)  # (d,)
+    grads = PerExampleGrads(modules)
     total = 0.0
     for mb in microbatches:
-        with per_example_grads(modules) as grads:
+        with per_example_grads(modules, reuse=grads):
             loss = answer_nll(model, mb, label_ids)  # (b,)
             loss.sum().backward()
-        samples = [grads[m] for m in modules]  # each (b, out, in)
-        factors = M.clip_factors(M.per_example_norms(samples), dp.max_grad_norm)  # (b,)
-        summed = [s + c for s, c in zip(summed, M.clipped_sum(samples, factors), strict=True)]
+        if grads.flat is not None:
+            factors = M.clip_factors(M.per_example_norms(grads.flat), dp.max_grad_norm)  # (b,)
+            summed += M.clipped_sum(grads.flat, factors)  # (d,)
         total += float(loss.detach().sum())
     std = dp.noise_multiplier * dp.max_grad_norm if dp.noise_multiplier > 0 else 0.0  # sigma=0 allows C=inf
-    noised = M.add_gaussian_noise(summed, std=std, generator=generator)
-    for p, g in zip(params, noised, strict=True):
-        p.grad = (g / expected_batch_size).to(p.dtype)
+    noised = M.add_gaussian_noise(summed, std=std, generator=generator) / expected_batch_size  # (d,)
+    for m, g in zip(modules, noised.split([m.weight.numel() for m in modules]), strict=True):
+        m.weight.grad = g.view_as(m.weight).to(m.weight.dtype)
     return total
 
 

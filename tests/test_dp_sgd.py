@@ -91,20 +91,19 @@ def test_clipped_per_example_gradients_never_exceed_c(tiny_model_dir: Path) -> N
     modules = trainable_linears(model)
     with per_example_grads(modules) as grads:
         answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
-    samples = [grads[m] for m in modules]
     # Reference norm, computed independently: each example's gradient over all parameters, flattened.
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in samples], dim=1)  # (b, d)
-    torch.testing.assert_close(M.per_example_norms(samples), flat.norm(dim=1))
+    flat = torch.cat([grads[m].reshape(len(data), -1) for m in modules], dim=1)  # (b, d)
+    torch.testing.assert_close(M.per_example_norms(grads.flat), flat.norm(dim=1))
     c = 0.5 * float(flat.norm(dim=1).min())  # every example needs clipping
-    factors = M.clip_factors(M.per_example_norms(samples), c)
+    factors = M.clip_factors(M.per_example_norms(grads.flat), c)
     for i in range(flat.shape[0]):
-        one = M.clipped_sum([g[i : i + 1] for g in samples], factors[i : i + 1])  # example i alone
-        assert float(torch.cat([t.flatten() for t in one]).norm()) <= c * (1 + 1e-5)
+        one = M.clipped_sum(flat[i : i + 1], factors[i : i + 1])  # example i alone
+        assert float(one.norm()) <= c * (1 + 1e-5)
 
 
 def test_gaussian_noise_has_the_calibrated_std() -> None:
     std = 0.7 * 1.3  # sigma * C
-    noised = M.add_gaussian_noise([torch.zeros(200_000)], std=std, generator=torch.Generator().manual_seed(0))[0]
+    noised = M.add_gaussian_noise(torch.zeros(200_000), std=std, generator=torch.Generator().manual_seed(0))
     # sample std of n=2e5 normals has relative s.e. ~ 1/sqrt(2n) = 0.0016; allow 5 s.e.
     assert abs(float(noised.std()) / std - 1) < 0.008
     assert abs(float(noised.mean())) < 5 * std / 200_000**0.5
@@ -113,8 +112,8 @@ def test_gaussian_noise_has_the_calibrated_std() -> None:
 def test_noise_uses_the_explicit_generator_not_the_global_rng() -> None:
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = M.add_gaussian_noise([torch.zeros(10)], std=1.0, generator=torch.Generator().manual_seed(5))[0]
-    b = M.add_gaussian_noise([torch.zeros(10)], std=1.0, generator=torch.Generator().manual_seed(5))[0]
+    a = M.add_gaussian_noise(torch.zeros(10), std=1.0, generator=torch.Generator().manual_seed(5))
+    b = M.add_gaussian_noise(torch.zeros(10), std=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(before, torch.random.get_rng_state())
     torch.testing.assert_close(a, b)
 
@@ -208,8 +207,19 @@ def test_per_example_grads_sum_to_the_batch_gradient_with_dropout(tiny_model_dir
     model, tok, data = setup(tiny_model_dir, dropout=0.3)
     model.train()
     modules = trainable_linears(model)
-    torch.manual_seed(1)  # dropout masks come from the global RNG; per-example and batch grads share them
+    batch = collate(data, pad_id=tok.pad_token_id)
+    torch.manual_seed(1)  # dropout masks come from the global RNG; both passes draw the same ones
     with per_example_grads(modules) as grads:
-        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+        answer_nll(model, batch).sum().backward()
+    torch.manual_seed(1)
+    answer_nll(model, batch).sum().backward()
     for m in modules:
         torch.testing.assert_close(grads[m].sum(dim=0), m.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_per_example_capture_leaves_weights_trainable_and_without_grad(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    modules = trainable_linears(model)
+    with per_example_grads(modules):
+        answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
+    assert all(m.weight.requires_grad and m.weight.grad is None for m in modules)

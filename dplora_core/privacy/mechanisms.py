@@ -1,6 +1,7 @@
 """The Gaussian mechanism on summed, per-example-clipped gradients (Abadi et al. 2016, Alg. 1).
 
-Small pure functions over lists of per-example gradient tensors, each of shape (b, *param_shape).
+Small pure functions over the per-example gradients of all trainable weights, flattened
+into one (b, d) matrix (one row per example).
 They never compute epsilon: that is the accountant's job.
 """
 
@@ -12,10 +13,9 @@ import numpy as np
 import torch
 
 
-def per_example_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each example's full gradient over all parameters: (b,)."""
-    sq = [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grad_samples]  # each (b,)
-    return torch.stack(sq, dim=0).sum(dim=0).sqrt()
+def per_example_norms(grad_samples: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each example's full gradient: (b, d) -> (b,)."""
+    return torch.linalg.vector_norm(grad_samples, dim=1)
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -23,20 +23,16 @@ def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
-def clipped_sum(grad_samples: list[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor]:
-    """sum_i factor_i * g_i for each parameter: list of param-shaped tensors."""
-    return [torch.einsum("b,b...->...", factors.to(g.dtype), g) for g in grad_samples]
+def clipped_sum(grad_samples: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """sum_i factor_i * g_i: (b, d), (b,) -> (d,)."""
+    return factors.to(grad_samples.dtype) @ grad_samples
 
 
-def add_gaussian_noise(
-    summed: list[torch.Tensor], *, std: float, generator: torch.Generator
-) -> list[torch.Tensor]:
+def add_gaussian_noise(summed: torch.Tensor, *, std: float, generator: torch.Generator) -> torch.Tensor:
     """summed + N(0, std^2 I), the noise drawn from `generator` (never the global RNG)."""
     if std == 0:
-        return [s.clone() for s in summed]
-    return [
-        s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in summed
-    ]
+        return summed.clone()
+    return summed + std * torch.randn(summed.shape, generator=generator, device=summed.device, dtype=summed.dtype)
 
 
 def poisson_sample(n: int, rate: float, *, generator: torch.Generator) -> torch.Tensor:
