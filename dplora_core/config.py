@@ -54,28 +54,50 @@ class LoraConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Record-level DP-SGD inside each client (mode `sample`) or none."""
+    """Which differential privacy, its budget, and the knobs of its mechanism.
 
-    mode: Literal["none", "sample"] = "sample"
+    sample: record-level DP-SGD inside each client (Abadi et al. 2016), epsilon per client.
+    client: client-level DP-FedAvg (McMahan et al. 2018): clients Poisson-sampled, updates
+            clipped and noised by the server; epsilon for adding or removing a whole client.
+    paper:  DP-LoRA Algorithm 1 as published (arXiv 2312.17493); its epsilon is the paper's
+            per-iteration bound, not a certified record-level guarantee.
+    none:   the non-private baseline.
+    """
+
+    mode: Literal["none", "sample", "client", "paper"] = "sample"
     target_epsilon: float | None = Field(
-        8.0, gt=0, description="Calibrate the noise to spend this epsilon over the planned run."
+        8.0,
+        gt=0,
+        description="The budget: noise is calibrated to spend at most this; with noise_multiplier set, "
+        "the run stops before the round that would exceed it.",
     )
     noise_multiplier: float | None = Field(
-        None, gt=0, description="Use this sigma directly (exactly one of this and target_epsilon)."
+        None, gt=0, description="Use this sigma instead of calibrating it (target_epsilon, if set, is the cap)."
     )
     delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0, description="Per-example L2 clipping norm C.")
-    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant.")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Clipping norm C: per example (sample), per client update (client), per batch (paper)."
+    )
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant (modes sample, client).")
     noise_seed: int | None = Field(
         None, ge=0, description="Fixed seed for noise and sampling (reproducible, NOT for production)."
     )
+    adaptive_clipping: bool = Field(
+        False, description="client: adapt C to a quantile of update norms (Andrew et al. 2021)."
+    )
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="client, adaptive: quantile of update norms.")
+    clip_learning_rate: float = Field(0.2, gt=0, description="client, adaptive: geometric step of C per round.")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="client, adaptive: noise std of the clipped-client count (default: expected/20)."
+    )
+    upload_noise_std: float = Field(
+        0.0, ge=0, description="paper: std of the Gaussian added to uploaded A and B (Alg. 1 step 3); 0 = off."
+    )
 
     @model_validator(mode="after")
-    def _exactly_one_noise_spec(self) -> PrivacyConfig:
-        if self.mode == "sample" and (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError(
-                "privacy: give exactly one of target_epsilon and noise_multiplier when mode is 'sample'"
-            )
+    def _noise_is_specified(self) -> PrivacyConfig:
+        if self.mode != "none" and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(f"privacy: mode {self.mode!r} needs target_epsilon, noise_multiplier, or both")
         return self
 
 

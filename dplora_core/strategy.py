@@ -1,23 +1,34 @@
-"""Server-side aggregation strategies (Flower style): pluggable, pure, over adapter states."""
+"""Server-side aggregation strategies (Flower style): pluggable, pure, over adapter states.
+
+A strategy maps (current global adapter, client adapters, weights) to the next global adapter.
+Differential privacy wraps a strategy rather than forking it (`DpFedAvgServerSide`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from dplora_core.adapters import AdapterState
+from dplora_core.privacy import client_level as CL
+from dplora_core.privacy.mechanisms import add_gaussian_noise
 
 
 class Strategy(Protocol):
-    def aggregate(self, states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState: ...
+    def aggregate(
+        self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState: ...
 
 
 class FedAvg:
-    """McMahan et al. 2017: the example-weighted mean of the clients' adapters."""
+    """McMahan et al. 2017: the weighted mean of the clients' adapters."""
 
-    def aggregate(self, states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    def aggregate(
+        self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState:
         if not states:
             raise ValueError("FedAvg: no client updates to aggregate")
         w = torch.tensor(weights, dtype=torch.float64)
@@ -26,3 +37,54 @@ class FedAvg:
             key: torch.einsum("k,k...->...", w, torch.stack([s[key].double() for s in states])).float()
             for key in states[0]
         }
+
+
+@dataclass
+class AdaptiveClipping:
+    """Andrew et al. 2021: move the clip norm towards a quantile of the clients' update norms."""
+
+    target_quantile: float
+    learning_rate: float
+    count_stddev: float
+
+
+@dataclass
+class DpFedAvgServerSide:
+    """Client-level DP around an averaging strategy (McMahan et al. 2018; Flower's server-side clipping).
+
+    Updates (client adapter - current) are clipped to `clip_norm`, averaged by `inner` with equal
+    weights, rescaled to sum / expected_clients, and N(0, (z S / expected_clients)^2) is added.
+    With `adaptive`, `clip_norm` moves after each round (read it back for the next one).
+    """
+
+    inner: Strategy
+    noise_multiplier: float  # z for the update sum (already net of the adaptive count's share)
+    clip_norm: float  # S
+    expected_clients: float  # qN
+    generator: torch.Generator
+    adaptive: AdaptiveClipping | None = None
+    last_unclipped: int = field(default=0, init=False)
+
+    def aggregate(
+        self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState:
+        keys = list(current)  # the tensors that travel (B only under freeze_a)
+        updates = [{k: s[k].float() - current[k].float() for k in keys} for s in states]
+        clipped = [CL.clip_update(u, self.clip_norm) for u in updates]
+        if clipped:  # equal weights: each client moves the sum by at most S
+            mean = self.inner.aggregate({k: torch.zeros_like(current[k]) for k in keys}, clipped, [1.0] * len(clipped))
+            total = {k: mean[k] * len(clipped) for k in keys}
+        else:
+            total = {k: torch.zeros_like(current[k], dtype=torch.float32) for k in keys}
+        std = self.noise_multiplier * self.clip_norm / self.expected_clients if self.noise_multiplier > 0 else 0.0
+        noised = {
+            k: add_gaussian_noise(total[k] / self.expected_clients, std=std, generator=self.generator) for k in keys
+        }
+        self.last_unclipped = sum(CL.update_norm(u) <= self.clip_norm for u in updates)
+        if self.adaptive is not None:
+            self.clip_norm = CL.next_clip_norm(
+                self.clip_norm, self.last_unclipped, expected_clients=self.expected_clients,
+                count_stddev=self.adaptive.count_stddev, target_quantile=self.adaptive.target_quantile,
+                learning_rate=self.adaptive.learning_rate, generator=self.generator,
+            )
+        return {k: current[k].float() + noised[k] for k in keys}

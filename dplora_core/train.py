@@ -8,6 +8,12 @@ DP-SGD (Abadi et al. 2016) with Poisson sampling, so that each step is exactly t
   4. noise: (sum_i clipped g_i + N(0, sigma^2 C^2 I)) / B,
   5. optimizer step.
 The logical batch is processed in micro-batches (gradient accumulation), so B can be large.
+
+`paper_gradients` is DP-LoRA's Algorithm 1 as published (arXiv 2312.17493), kept to reproduce
+the paper: a uniformly sampled batch of B records, the *batch-mean* gradient of all A matrices
+and of all B matrices each clipped to C, N(0, sigma^2 C^2 I) added to each, plain SGD. Clipping
+a batch gradient does not bound one record's influence the way per-example clipping does, so
+this is not a certified record-level guarantee (see `privacy.accountant.paper_epsilon`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ class DpSgdParams:
     noise_multiplier: float  # sigma
     max_grad_norm: float  # C
     sample_rate: float  # q
+
+
+@dataclass(frozen=True)
+class PaperDpParams:
+    """DP-LoRA Algorithm 1: batch gradients of A and B clipped separately to C, each + N(0, sigma^2 C^2)."""
+
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C
 
 
 def sample_rate(batch_size: int, n: int) -> float:
@@ -123,6 +137,41 @@ def dp_gradients(
     return total
 
 
+def lora_groups(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The trainable LoRA weights split into the paper's two blocks: {'A': [...], 'B': [...]} (A may be empty)."""
+    groups: dict[str, list[torch.Tensor]] = {"A": [], "B": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["A" if ".lora_A." in name else "B"].append(p)
+    return groups
+
+
+def paper_gradients(
+    model: nn.Module,
+    microbatches: Sequence[Batch],
+    *,
+    paper: PaperDpParams,
+    batch_size: int,
+    generator: torch.Generator,
+    label_ids: Sequence[int] | None = None,
+) -> float:
+    """Fill .grad as DP-LoRA Alg. 1 does: per block g <- g / max(1, ||g|| / C) + N(0, sigma^2 C^2 I)."""
+    total = plain_gradients(model, microbatches, batch_size=batch_size, label_ids=label_ids)  # batch mean
+    for params in lora_groups(model).values():
+        if not params:
+            continue
+        flat = torch.cat([_grad_or_zeros(p).flatten().float() for p in params])  # (d_block,)
+        clipped = flat * M.clip_factors(flat.norm().reshape(1), paper.max_grad_norm)  # (d_block,)
+        noised = M.add_gaussian_noise(clipped, std=paper.noise_multiplier * paper.max_grad_norm, generator=generator)
+        for p, g in zip(params, noised.split([p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
+    return total
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def microbatch(items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device) -> list[Batch]:
     return [collate(items[i : i + size], pad_id=pad_id).to(device) for i in range(0, len(items), size)]
 
@@ -137,34 +186,48 @@ def train_local(
     learning_rate: float,
     pad_id: int,
     generator: torch.Generator,
-    dp: DpSgdParams | None,
+    dp: DpSgdParams | PaperDpParams | None,
     label_ids: Sequence[int] | None = None,
 ) -> LocalResult:
-    """`steps` optimizer steps of AdamW on the trainable (LoRA) weights of `model`.
+    """`steps` optimizer steps on the trainable (LoRA) weights of `model`.
 
+    dp: DpSgdParams -> DP-SGD with Poisson batches and AdamW; PaperDpParams -> DP-LoRA Alg. 1
+    (uniform batches of `batch_size`, plain SGD); None -> plain AdamW on uniform batches.
     label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer: torch.optim.Optimizer
+    if isinstance(dp, PaperDpParams):
+        optimizer = torch.optim.SGD(params, lr=learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     n = len(data)
     loss_sum, seen = 0.0, 0
     for _ in range(steps):
-        if dp is not None:
+        if isinstance(dp, DpSgdParams):
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
         else:
             idx = torch.randperm(n, generator=generator, device=generator.device)[: min(batch_size, n)].cpu()
         mbs = microbatch([data[i] for i in idx.tolist()], microbatch_size, pad_id=pad_id, device=device)
         optimizer.zero_grad(set_to_none=True)
-        if dp is None:
-            loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1), label_ids=label_ids)
-        else:
+        if isinstance(dp, DpSgdParams):
             loss_sum += dp_gradients(
                 model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator, label_ids=label_ids
             )
+        elif isinstance(dp, PaperDpParams):
+            loss_sum += paper_gradients(
+                model, mbs, paper=dp, batch_size=max(len(idx), 1), generator=generator, label_ids=label_ids
+            )
+        else:
+            loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1), label_ids=label_ids)
         seen += len(idx)
         optimizer.step()
     model.eval()
-    run = DpSgdRun(dp.sample_rate, dp.noise_multiplier, steps) if dp is not None else None
+    run = None
+    if isinstance(dp, DpSgdParams):
+        run = DpSgdRun(dp.sample_rate, dp.noise_multiplier, steps)
+    elif isinstance(dp, PaperDpParams):  # for the paper's per-iteration formula, which ignores the sampling rate
+        run = DpSgdRun(min(1.0, batch_size / n), dp.noise_multiplier, steps)
     return LocalResult(mean_loss=loss_sum / max(seen, 1), steps=steps, examples_seen=seen, dp_run=run)

@@ -68,7 +68,9 @@ def cmd_partition(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 def cmd_federate(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     from flows.federated import federated_finetune
 
-    summary = federated_finetune(cfg)
+    summary = federated_finetune(cfg, resume=args.resume)
+    if summary["stopped_by_budget_guard"]:
+        print(summary["stopped_by_budget_guard"])
     print(summary["privacy"]["guarantee"])
 
 
@@ -98,8 +100,14 @@ def cmd_run(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         cmd_ingest(cfg, args)
     if cfg.model.gguf_file is not None:
         cmd_convert_model(cfg, args)
-    metrics = dplora_pipeline(cfg)
+    metrics = dplora_pipeline(cfg, resume=args.resume)
     print(format_summary(metrics, wall_seconds=time.monotonic() - start))
+
+
+def cmd_audit(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.audit import format_audit, privacy_audit
+
+    print(format_audit(privacy_audit(cfg, canaries=args.canaries)))
 
 
 COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None], str]] = {
@@ -111,6 +119,7 @@ COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None]
     "federate": (cmd_federate, "run the federated DP-LoRA training flow"),
     "evaluate": (cmd_evaluate, "evaluate zero-shot and final adapter on the test split; print the table"),
     "show": (cmd_show, "print the results table of a finished experiment"),
+    "audit": (cmd_audit, "membership-inference audit with canaries: attack AUC and empirical epsilon vs accountant"),
 }
 
 
@@ -139,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(
-            name, help=help_text, description=help_text, epilog=config_reference(),
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=config_reference(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("config", type=Path, help="experiment config YAML (see configs/, e.g. configs/fpb-demo.yaml)")
@@ -148,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "--source", default=DEFAULT_SOURCE,
                 help=f"folder holding the reference datasets to copy from (default: {DEFAULT_SOURCE})",
             )
+        if name in ("run", "federate"):
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from the run's last checkpoint (config unchanged except federation.rounds); "
+                "the budget guard still applies",
+            )
+        if name == "audit":
+            p.add_argument("--canaries", type=int, default=64, help="canaries planted (and as many held out)")
     return parser
 
 

@@ -1,115 +1,208 @@
-"""The federated DP-LoRA flow: rounds of per-client training, aggregation and validation."""
+"""The federated DP-LoRA flow: rounds of per-client training, aggregation and validation.
+
+Every round ends with a checkpoint (global adapter, accountant ledgers, noise plan) and the
+ledgers in MLflow. Before a round starts, the budget guard asks the ledgers what the round
+would cost; a round that would take any epsilon past `privacy.target_epsilon` is not run.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
 
+from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
 from dplora_core.config import ExperimentConfig
 from dplora_core.io import atomic_write
-from dplora_core.messages import ClientUpdate
-from dplora_core.privacy.accountant import PrivacyLedger, describe_guarantee
+from dplora_core.messages import ClientUpdate, GlobalModel
+from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, describe_guarantee
+from dplora_core.train import sample_rate
 from flows.tracking import ExperimentRun
-from tasks.training import aggregate, evaluate, full_model_bytes, init_adapter, plan_noise, train_client
+from tasks.runtime import read_partition
+from tasks.training import (
+    NoisePlan,
+    aggregate,
+    aggregate_private,
+    client_sample_rate,
+    evaluate,
+    full_model_bytes,
+    init_adapter,
+    plan_noise,
+    sample_round_clients,
+    train_client,
+)
+
+POPULATION = "clients"  # the ledger key of client-level DP: one ledger for the whole population
 
 
-def sample_clients(rng: np.random.Generator, num_clients: int, per_round: int) -> list[int]:
-    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+@dataclass
+class RunState:
+    """Everything a round needs from the rounds before it; what a checkpoint stores."""
+
+    global_model: GlobalModel
+    plan: NoisePlan
+    ledgers: dict[str, PrivacyLedger]
+    clip_norm: float  # mode client: the (possibly adaptive) clip norm of the next round
+    mlflow_run_id: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    client_rounds: int = 0  # client participations, for the full-model exchange comparison
+    train_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plan": {"clients": self.plan.clients, "server": self.plan.server},
+            "ledgers": {k: ledger.state_dict() for k, ledger in self.ledgers.items()},
+            "clip_norm": self.clip_norm,
+            "mlflow_run_id": self.mlflow_run_id,
+            "history": self.history,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "client_rounds": self.client_rounds,
+            "train_seconds": self.train_seconds,
+        }
+
+    @classmethod
+    def from_json(cls, round_num: int, adapter: bytes, state: dict[str, Any]) -> RunState:
+        plan = NoisePlan({int(k): v for k, v in state["plan"]["clients"].items()}, state["plan"]["server"])
+        return cls(
+            global_model=GlobalModel(round=round_num, adapter=adapter),
+            plan=plan,
+            ledgers={k: PrivacyLedger.from_state_dict(v) for k, v in state["ledgers"].items()},
+            clip_norm=state["clip_norm"],
+            mlflow_run_id=state["mlflow_run_id"],
+            history=state["history"],
+            bytes_up=state["bytes_up"],
+            bytes_down=state["bytes_down"],
+            client_rounds=state["client_rounds"],
+            train_seconds=state["train_seconds"],
+        )
+
+
+def ledger_kind(cfg: ExperimentConfig) -> LedgerKind:
+    return "paper" if cfg.privacy.mode == "paper" else cfg.privacy.accountant
+
+
+def new_ledgers(cfg: ExperimentConfig) -> dict[str, PrivacyLedger]:
+    """One ledger per client's records (sample, paper), one for the client population (client), none (none)."""
+    mode, kind = cfg.privacy.mode, ledger_kind(cfg)
+    if mode == "none":
+        return {}
+    if mode == "client":
+        return {POPULATION: PrivacyLedger(kind=kind)}
+    return {str(k): PrivacyLedger(kind=kind) for k in range(cfg.federation.num_clients)}
+
+
+def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -> dict[str, DpSgdRun]:
+    """What the coming round releases, per ledger: the accountant's events, before anything runs."""
+    p, f = cfg.privacy, cfg.federation
+    if p.mode == "none":
+        return {}
+    if p.mode == "client":
+        assert plan.server is not None
+        return {POPULATION: DpSgdRun(client_sample_rate(cfg), plan.server, 1)}
+    sizes = [len(shard) for shard in read_partition(cfg)]
+    return {
+        str(k): DpSgdRun(sample_rate(f.batch_size, sizes[k]), plan.clients[k], f.local_steps) for k in clients
+    }
+
+
+def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
+    """(the reported epsilon, epsilon per ledger): the worst client's, or the population's."""
+    if not ledgers:
+        return float("inf"), {}
+    per_ledger = {k: ledger.epsilon(delta=cfg.privacy.delta) for k, ledger in ledgers.items()}
+    return max(per_ledger.values()), per_ledger
+
+
+def budget_guard(cfg: ExperimentConfig, state: RunState, events: dict[str, DpSgdRun]) -> str | None:
+    """Why the coming round must not run (it would cross privacy.target_epsilon), or None."""
+    target = cfg.privacy.target_epsilon
+    if target is None:
+        return None
+    for key, run in events.items():
+        after = state.ledgers[key].epsilon(delta=cfg.privacy.delta, extra=(run,))
+        if after > target:
+            who = "the client population" if key == POPULATION else f"client {key}"
+            return (
+                f"budget guard: round {state.global_model.round + 1} would take {who} to epsilon {after:.3f}, "
+                f"past privacy.target_epsilon = {target:g} (delta {cfg.privacy.delta:g}); stopping before it"
+            )
+    return None
+
+
+def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, ExperimentRun]:
+    """A fresh run, or the state of the latest checkpoint of this run (config unchanged but for rounds)."""
+    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint") if resume else None
+    if checkpoint is None:
+        plan = plan_noise(cfg)
+        run = ExperimentRun(cfg)
+        p = cfg.privacy
+        run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy"})
+        state = RunState(init_adapter(cfg), plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
+        return state, run
+    changed = config_changes(checkpoint.state["config"], cfg.flat())
+    if changed:
+        raise CheckpointError(
+            f"{cfg.run_dir / 'checkpoint'}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
+        )
+    state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
+    run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
+    run.reopen()
+    return state, run
 
 
 @flow(name="federated-finetune")
-def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
-    """Federated, record-level DP LoRA fine-tuning of the configured model on the configured dataset."""
+def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f, p = config, config.federation, config.privacy
     log = get_run_logger()
-    start = time.monotonic()
-    sigmas = plan_noise(cfg)
-    ledgers = {k: PrivacyLedger(kind=p.accountant) for k in range(f.num_clients)}
-    global_model = init_adapter(cfg)
-    run = ExperimentRun(cfg)
-    run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy"})
+    state, run = start_or_resume(cfg, resume)
+    if state.global_model.round:
+        log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
     full_bytes = full_model_bytes(cfg)
-    rng = np.random.default_rng([f.seed, 1])
-    bytes_up = bytes_down = 0
-    history: list[dict[str, Any]] = []
-    client_rounds = 0  # client participations, for the full-model exchange comparison
-    epsilon = 0.0 if p.mode == "sample" else float("inf")
-    per_client_epsilon: dict[int, float] = {}  # record-level epsilon each client has spent; empty without DP
+    stopped: str | None = None
     try:
-        for r in range(1, f.rounds + 1):
-            clients = sample_clients(rng, f.num_clients, f.clients_per_round)
-            futures = train_client.map(
-                unmapped(cfg), unmapped(r), clients, unmapped(global_model), [sigmas.get(k) for k in clients]
-            )
-            updates = futures.result()
-            round_down = len(global_model.adapter) * len(clients)
-            round_up = sum(len(u.adapter) for u in updates)
-            bytes_down, bytes_up = bytes_down + round_down, bytes_up + round_up
-            client_rounds += len(clients)
-            for u in updates:
-                if u.dp_run is not None:
-                    ledgers[u.client_id].record(u.dp_run)
-            global_model = aggregate(cfg, global_model, updates)
-            val = evaluate(cfg, global_model.adapter, "validation")
-            if p.mode == "sample":
-                per_client_epsilon = {k: ledger.epsilon(delta=p.delta) for k, ledger in ledgers.items()}
-                epsilon = max(per_client_epsilon.values())
-            row: dict[str, Any] = {
-                "round": r,
-                "clients": clients,
-                "train_loss": _weighted_train_loss(updates),
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "epsilon": epsilon,
-                "bytes_up": round_up,
-                "bytes_down": round_down,
-            }
-            history.append(row)
+        while state.global_model.round < f.rounds:
+            start = time.monotonic()
+            r = state.global_model.round + 1
+            clients = sample_round_clients(cfg, r)
+            events = planned_events(cfg, state.plan, clients)
+            stopped = budget_guard(cfg, state, events)
+            if stopped:
+                log.warning(stopped)
+                break
+            run_round(cfg, state, r, clients, events)
+            state.train_seconds += time.monotonic() - start
+            row = state.history[-1]
             run.log_metrics(
                 {k: v for k, v in row.items() if k not in ("round", "clients") and v is not None and np.isfinite(v)},
                 step=r,
             )
+            save_checkpoint(
+                cfg.run_dir / "checkpoint",
+                round_num=r,
+                adapter=state.global_model.adapter,
+                state=state.to_json() | {"config": cfg.flat()},
+            )
+            ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
+            run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
             log.info(
                 "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
-                r, f.rounds, clients, val["loss"], val["accuracy"], val["macro_f1"],
-                describe_guarantee(mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant),
+                r,
+                f.rounds,
+                clients,
+                row["val_loss"],
+                row["val_accuracy"],
+                row["val_macro_f1"],
+                describe_guarantee(mode=p.mode, epsilon=row["epsilon"], delta=p.delta, kind=ledger_kind(cfg)),
             )
-        out = cfg.run_dir
-        out.mkdir(parents=True, exist_ok=True)
-        adapter_path = out / "adapter.safetensors"
-        atomic_write(adapter_path, global_model.adapter)
-        guarantee = describe_guarantee(
-            mode=p.mode, epsilon=epsilon, delta=p.delta, kind=p.accountant, fixed_seed=p.noise_seed is not None
-        )
-        summary = {
-            "name": cfg.name, "mlflow_run_id": run.run_id, "rounds": f.rounds,
-            "num_clients": f.num_clients, "clients_per_round": f.clients_per_round,
-            "privacy": {
-                "mode": p.mode, "epsilon": epsilon if np.isfinite(epsilon) else None, "delta": p.delta,
-                "accountant": p.accountant, "noise_multipliers": sigmas,
-                "per_client_epsilon": per_client_epsilon,
-                "guarantee": guarantee,
-                "ledgers": {k: ledger.state_dict() for k, ledger in ledgers.items()},
-            },
-            "bytes": {
-                "up": bytes_up, "down": bytes_down, "adapter": len(global_model.adapter), "full_model": full_bytes,
-                "full_model_up": full_bytes * client_rounds, "full_model_down": full_bytes * client_rounds,
-            },
-            "history": history,
-            "train_seconds": time.monotonic() - start,
-            "config": cfg.model_dump(mode="json"),
-        }
-        atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
-        run.log_artifact(adapter_path, "adapter")
-        run.log_artifact(out / "training.json")
-        run.set_tags({"dplora.guarantee": guarantee})
-        if p.mode == "sample":
-            run.log_metrics({"epsilon_final": epsilon}, step=f.rounds)
+        summary = write_outputs(cfg, state, run, full_bytes, stopped)
         run.finish()  # last: a failure above marks the run FAILED, never a finished run
     except BaseException:
         run.finish("FAILED")
@@ -117,8 +210,108 @@ def federated_finetune(config: ExperimentConfig) -> dict[str, Any]:
     return summary
 
 
+def run_round(
+    cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun]
+) -> None:
+    """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
+    p = cfg.privacy
+    global_model = state.global_model
+    sigmas = [state.plan.clients.get(k) for k in clients]
+    updates: list[ClientUpdate] = (
+        train_client.map(unmapped(cfg), unmapped(r), clients, unmapped(global_model), sigmas).result()
+        if clients
+        else []
+    )
+    for u in updates:
+        expected = events.get(str(u.client_id))
+        if p.mode in ("sample", "paper") and u.dp_run != expected:
+            raise ValueError(f"client {u.client_id}, round {r}: reported DP run {u.dp_run}, planned {expected}")
+    if p.mode == "client":
+        assert state.plan.server is not None
+        new_model, state.clip_norm = aggregate_private(cfg, global_model, updates, state.plan.server, state.clip_norm)
+    else:
+        new_model = aggregate(cfg, global_model, updates)
+    for key, run in events.items():  # spent once the round's release exists
+        state.ledgers[key].record(run)
+    val = evaluate(cfg, new_model.adapter, "validation")
+    epsilon, _ = spent_epsilon(cfg, state.ledgers)
+    round_down = len(global_model.adapter) * len(clients)
+    round_up = sum(len(u.adapter) for u in updates)
+    state.bytes_down += round_down
+    state.bytes_up += round_up
+    state.client_rounds += len(clients)
+    state.global_model = new_model
+    state.history.append(
+        {
+            "round": r,
+            "clients": clients,
+            "train_loss": _weighted_train_loss(updates),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "epsilon": epsilon,
+            "clip_norm": state.clip_norm if p.mode == "client" else None,
+            "bytes_up": round_up,
+            "bytes_down": round_down,
+        }
+    )
+
+
+def write_outputs(
+    cfg: ExperimentConfig, state: RunState, run: ExperimentRun, full_bytes: int, stopped: str | None
+) -> dict[str, Any]:
+    """adapter.safetensors and training.json in the run directory, and both in MLflow."""
+    p = cfg.privacy
+    epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
+    guarantee = describe_guarantee(
+        mode=p.mode, epsilon=epsilon, delta=p.delta, kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None
+    )
+    out = cfg.run_dir
+    adapter_path = out / "adapter.safetensors"
+    atomic_write(adapter_path, state.global_model.adapter)
+    summary = {
+        "name": cfg.name,
+        "mlflow_run_id": run.run_id,
+        "rounds": state.global_model.round,
+        "planned_rounds": cfg.federation.rounds,
+        "stopped_by_budget_guard": stopped,
+        "num_clients": cfg.federation.num_clients,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "privacy": {
+            "mode": p.mode,
+            "epsilon": epsilon if np.isfinite(epsilon) else None,
+            "delta": p.delta,
+            "accountant": ledger_kind(cfg),
+            "noise_multipliers": asdict(state.plan),
+            "per_client_epsilon": {k: v for k, v in per_ledger.items() if k != POPULATION},
+            "guarantee": guarantee,
+            "ledgers": {k: ledger.state_dict() for k, ledger in state.ledgers.items()},
+        },
+        "bytes": {
+            "up": state.bytes_up,
+            "down": state.bytes_down,
+            "adapter": len(state.global_model.adapter),
+            "full_model": full_bytes,
+            "full_model_up": full_bytes * state.client_rounds,
+            "full_model_down": full_bytes * state.client_rounds,
+        },
+        "history": state.history,
+        "train_seconds": state.train_seconds,
+        "config": cfg.model_dump(mode="json"),
+    }
+    atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
+    run.log_artifact(adapter_path, "adapter")
+    run.log_artifact(out / "training.json")
+    run.set_tags({"dplora.guarantee": guarantee})
+    if stopped:
+        run.set_tags({"dplora.stopped_by_budget_guard": stopped})
+    if np.isfinite(epsilon):
+        run.log_metrics({"epsilon_final": epsilon}, step=state.global_model.round)
+    return summary
+
+
 def _weighted_train_loss(updates: list[ClientUpdate]) -> float | None:
     """Example-weighted mean of the clients' training losses; None under DP, where clients do not send them."""
-    if any(u.train_loss is None for u in updates):
+    if not updates or any(u.train_loss is None for u in updates):
         return None
     return float(np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates]))

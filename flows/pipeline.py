@@ -13,11 +13,11 @@ from tasks.data import partition_clients, prepare_data
 
 
 @flow(name="dplora-pipeline")
-def dplora_pipeline(config: ExperimentConfig) -> dict[str, Any]:
+def dplora_pipeline(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
     prepare_data(config)
     partition_clients(config)
-    federated_finetune(config)
+    federated_finetune(config, resume=resume)
     return evaluate_experiment(config)
 
 

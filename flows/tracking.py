@@ -40,5 +40,12 @@ class ExperimentRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, payload, artifact_file)
+
+    def reopen(self) -> None:
+        """Mark a resumed run as running again."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

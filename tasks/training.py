@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dplora_core.adapters import (
+    AdapterState,
     adapter_state,
     check_adapter,
     from_bytes,
@@ -19,39 +23,74 @@ from dplora_core.config import ExperimentConfig
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
-from dplora_core.privacy.accountant import calibrate_noise_multiplier
-from dplora_core.privacy.mechanisms import noise_generator
-from dplora_core.strategy import FedAvg, Strategy
-from dplora_core.train import DpSgdParams, sample_rate, train_local
+from dplora_core.privacy.accountant import calibrate_noise_multiplier, paper_noise_multiplier
+from dplora_core.privacy.client_level import update_noise_multiplier
+from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
+from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
+from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
 from tasks.runtime import client_data, eval_prompts, label_ids_of, read_partition, workspace
 
 # A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
 MAX_DELTA_TIMES_N = 0.1
+# Generator keys of the server's randomness (client sampling, DP-FedAvg noise), apart from any client id.
+SERVER_KEY = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise multipliers of a run, fixed before round 1 and kept in every checkpoint."""
+
+    clients: dict[int, float] = field(default_factory=dict)  # sigma per client (modes sample, paper)
+    server: float | None = None  # z of one DP-FedAvg round, adaptive count included (mode client)
+
+
+def client_sample_rate(cfg: ExperimentConfig) -> float:
+    """Poisson rate at which the server samples clients in mode `client`."""
+    return cfg.federation.clients_per_round / cfg.federation.num_clients
 
 
 @task(name="plan-privacy", cache_policy=NO_CACHE)
-def plan_noise(cfg: ExperimentConfig) -> dict[int, float]:
-    """Noise multiplier per client: calibrated so a client in every round spends at most the target epsilon."""
+def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
+    """Noise multipliers calibrated so that the planned rounds spend at most the target epsilon."""
     p, f = cfg.privacy, cfg.federation
     if p.mode == "none":
-        return {}
+        return NoisePlan()
+    if p.mode == "client":
+        _check_delta(p.delta, f.num_clients, "the client population")
+        if p.noise_multiplier is not None:
+            return NoisePlan(server=p.noise_multiplier)
+        assert p.target_epsilon is not None
+        z = calibrate_noise_multiplier(
+            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=client_sample_rate(cfg), steps=1,
+            rounds=f.rounds, kind=p.accountant,
+        )
+        return NoisePlan(server=z)
     sizes = [len(s) for s in read_partition(cfg)]
     for k, n in enumerate(sizes):
-        if p.delta * n > MAX_DELTA_TIMES_N:
-            raise ValueError(
-                f"privacy.delta ({p.delta}) is too large for client {k} ({n} records): "
-                f"delta * n = {p.delta * n:.3g} must be <= {MAX_DELTA_TIMES_N} (delta << 1/n)"
-            )
+        _check_delta(p.delta, n, f"client {k}")
     if p.noise_multiplier is not None:
-        return {k: p.noise_multiplier for k in range(len(sizes))}
+        return NoisePlan(clients={k: p.noise_multiplier for k in range(len(sizes))})
     assert p.target_epsilon is not None
-    return {
-        k: calibrate_noise_multiplier(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
-            steps=f.rounds * f.local_steps, kind=p.accountant,
+    if p.mode == "paper":
+        sigma = paper_noise_multiplier(target_epsilon=p.target_epsilon, delta=p.delta)
+        return NoisePlan(clients={k: sigma for k in range(len(sizes))})
+    return NoisePlan(
+        clients={
+            k: calibrate_noise_multiplier(
+                target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
+                steps=f.local_steps, rounds=f.rounds, kind=p.accountant,
+            )
+            for k, n in enumerate(sizes)
+        }
+    )
+
+
+def _check_delta(delta: float, n: int, who: str) -> None:
+    if delta * n > MAX_DELTA_TIMES_N:
+        raise ValueError(
+            f"privacy.delta ({delta}) is too large for {who} ({n} records or clients): "
+            f"delta * n = {delta * n:.3g} must be <= {MAX_DELTA_TIMES_N} (delta << 1/n)"
         )
-        for k, n in enumerate(sizes)
-    }
 
 
 @task(name="init-adapter", cache_policy=NO_CACHE)
@@ -71,16 +110,19 @@ def init_adapter(cfg: ExperimentConfig) -> GlobalModel:
 def train_client(
     cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None
 ) -> ClientUpdate:
-    """Local training of the global adapter on one client's records (DP-SGD unless mode is 'none')."""
+    """Local training of the global adapter on one client's records, with the mode's client-side mechanism."""
     ws = workspace(cfg.model, cfg.lora)
     data = client_data(cfg, client_id)
     f, p = cfg.federation, cfg.privacy
     device = next(ws.model.parameters()).device
-    dp = None
+    dp: DpSgdParams | PaperDpParams | None = None
     if p.mode == "sample":
         assert noise_multiplier is not None
         dp = DpSgdParams(noise_multiplier, p.max_grad_norm, sample_rate(f.batch_size, len(data)))
-    seed = p.noise_seed if dp is not None else f.seed
+    elif p.mode == "paper":
+        assert noise_multiplier is not None
+        dp = PaperDpParams(noise_multiplier, p.max_grad_norm)
+    seed = f.seed if p.mode == "none" else p.noise_seed
     generator = noise_generator(seed, round_num, client_id, device=device)
     with ws.lock:
         load_adapter_state(ws.model, from_bytes(global_model.adapter, source="global adapter"), source="global adapter")
@@ -90,18 +132,19 @@ def train_client(
             label_ids=label_ids_of(cfg) if f.loss == "label_words" else None,
         )
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
+    if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
+        state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
-        # Under DP the raw training loss would be an unaccounted release of the client's records: not sent.
-        train_loss=result.mean_loss if dp is None else None, dp_run=result.dp_run,
+        # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.
+        train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run,
     )
 
 
-@task(name="aggregate", cache_policy=NO_CACHE)
-def aggregate(
-    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], strategy: Strategy | None = None
-) -> GlobalModel:
-    """Check each client's adapter, then combine them with the strategy (FedAvg by default)."""
+def _checked_states(
+    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate]
+) -> tuple[AdapterState, AdapterState, list[AdapterState]]:
+    """(current global adapter, its uploaded part, each client's adapter checked against it)."""
     current = from_bytes(global_model.adapter, source="global adapter")
     reference = upload_state(current, freeze_a=cfg.lora.freeze_a)
     states = []
@@ -109,8 +152,62 @@ def aggregate(
         state = from_bytes(u.adapter, source=f"client {u.client_id}")
         check_adapter(state, reference, source=f"client {u.client_id} update, round {u.round}")
         states.append(state)
-    merged = (strategy or FedAvg()).aggregate(states, [u.num_examples for u in updates])
+    return current, reference, states
+
+
+@task(name="aggregate", cache_policy=NO_CACHE)
+def aggregate(
+    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], strategy: Strategy | None = None
+) -> GlobalModel:
+    """Check each client's adapter, then combine them with the strategy (FedAvg by default).
+
+    FedAvg weighs clients by their number of records; mode `paper` uses equal weights 1/K, as published.
+    """
+    current, reference, states = _checked_states(cfg, global_model, updates)
+    weights = [1.0] * len(updates) if cfg.privacy.mode == "paper" else [float(u.num_examples) for u in updates]
+    merged = (strategy or FedAvg()).aggregate(reference, states, weights)
     return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
+
+
+@task(name="aggregate-dp", cache_policy=NO_CACHE)
+def aggregate_private(
+    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], noise_multiplier: float,
+    clip_norm: float,
+) -> tuple[GlobalModel, float]:
+    """Client-level DP-FedAvg on the server: clip each update, add noise; return the model and the next clip norm."""
+    p = cfg.privacy
+    current, reference, states = _checked_states(cfg, global_model, updates)
+    expected = float(cfg.federation.clients_per_round)
+    adaptive = None
+    if p.adaptive_clipping:
+        adaptive = AdaptiveClipping(p.target_quantile, p.clip_learning_rate, count_stddev(cfg))
+    strategy = DpFedAvgServerSide(
+        FedAvg(),
+        noise_multiplier=update_noise_multiplier(noise_multiplier, adaptive.count_stddev if adaptive else None),
+        clip_norm=clip_norm,
+        expected_clients=expected,
+        generator=noise_generator(p.noise_seed, global_model.round + 1, SERVER_KEY, 1, device=torch.device("cpu")),
+        adaptive=adaptive,
+    )
+    merged = strategy.aggregate(reference, states, [1.0] * len(states))
+    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), strategy.clip_norm
+
+
+def count_stddev(cfg: ExperimentConfig) -> float:
+    """Noise std of the unclipped-client count in adaptive clipping (default: expected clients / 20)."""
+    p = cfg.privacy
+    return p.clipped_count_stddev if p.clipped_count_stddev is not None else cfg.federation.clients_per_round / 20
+
+
+def sample_round_clients(cfg: ExperimentConfig, round_num: int) -> list[int]:
+    """The clients of a round: Poisson-sampled at rate clients_per_round / num_clients in mode `client`
+    (the sampling the client-level accountant assumes), otherwise a uniform subset of clients_per_round."""
+    f, p = cfg.federation, cfg.privacy
+    if p.mode == "client":
+        gen = noise_generator(p.noise_seed, round_num, SERVER_KEY, 0, device=torch.device("cpu"))
+        return poisson_sample(f.num_clients, client_sample_rate(cfg), generator=gen).tolist()
+    rng = np.random.default_rng([f.seed, 1, round_num])
+    return sorted(rng.choice(f.num_clients, size=f.clients_per_round, replace=False).tolist())
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import dp_accounting
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +17,10 @@ from dplora_core.privacy.accountant import (
     calibrate_noise_multiplier,
     describe_guarantee,
     make_accountant,
+    paper_epsilon,
+    paper_noise_multiplier,
 )
+from dplora_core.privacy.client_level import update_noise_multiplier
 
 CASES = [(0.01, 1.1, 1000), (128 / 870, 0.8, 15), (0.25, 2.0, 30), (256 / 60000, 1.1, 60 * 60000 // 256)]
 
@@ -87,3 +93,85 @@ def test_guarantee_names_relation_accountant_and_delta() -> None:
     text = describe_guarantee(mode="sample", epsilon=7.9, delta=1e-5, kind="rdp")
     assert "record-level" in text and "RDP accountant" in text and "delta = 1e-05" in text
     assert "no differential privacy" in describe_guarantee(mode="none", epsilon=float("inf"), delta=1e-5, kind="rdp")
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    target=st.floats(0.5, 16),
+    q=st.floats(0.01, 0.5),
+    steps=st.integers(1, 20),
+    rounds=st.integers(1, 6),
+    kind=st.sampled_from(["rdp", "pld"]),
+)
+def test_calibration_over_rounds_matches_the_ledger_round_by_round(
+    target: float, q: float, steps: int, rounds: int, kind: str
+) -> None:
+    """The ledger composes one event per round; after the planned rounds it must not exceed the target."""
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, rounds=rounds, kind=kind
+    )
+    ledger = PrivacyLedger(kind=kind)  # type: ignore[arg-type]
+    for _ in range(rounds):
+        ledger.record(DpSgdRun(q, sigma, steps))
+    assert ledger.epsilon(delta=1e-5) <= target
+
+
+@pytest.mark.parametrize(("q", "z", "rounds"), [(0.1, 1.0, 50), (4 / 4, 5.0, 3), (10 / 1000, 0.9, 200)])
+def test_client_level_epsilon_matches_opacus(q: float, z: float, rounds: int) -> None:
+    """Mode client: one Poisson-sampled Gaussian per round over clients, composed over rounds."""
+    ledger = PrivacyLedger(kind="rdp")
+    for _ in range(rounds):
+        ledger.record(DpSgdRun(q, z, 1))
+    orders = list(make_accountant("rdp").orders)  # type: ignore[attr-defined]
+    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=rounds, orders=orders)
+    reference, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    assert ledger.epsilon(delta=1e-5) == pytest.approx(reference, rel=1e-3)
+
+
+@pytest.mark.parametrize(("z", "count_stddev"), [(1.0, 2.0), (2.5, 1.5), (0.7, 10.0)])
+def test_adaptive_clipping_split_costs_exactly_the_planned_gaussian(z: float, count_stddev: float) -> None:
+    """Andrew et al. 2021: the update sum (z_d) plus the count (sensitivity 1/2, std sigma_b) equal one Gaussian z."""
+    z_d = update_noise_multiplier(z, count_stddev)
+    assert z_d > z
+    both = make_accountant("rdp").compose(
+        dp_accounting.ComposedDpEvent(
+            [dp_accounting.GaussianDpEvent(z_d), dp_accounting.GaussianDpEvent(2 * count_stddev)]
+        )
+    )
+    one = make_accountant("rdp").compose(dp_accounting.GaussianDpEvent(z))
+    assert both.get_epsilon(1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_adaptive_clipping_rejects_a_count_noise_too_small_for_the_budget() -> None:
+    with pytest.raises(ValueError, match="clipped_count_stddev"):
+        update_noise_multiplier(2.0, 0.5)
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-3])
+def test_paper_epsilon_is_the_papers_formula(delta: float) -> None:
+    """DP-LoRA (arXiv 2312.17493): sigma >= sqrt(2 ln(1.25/delta)) / epsilon, per iteration."""
+    sigma = paper_noise_multiplier(target_epsilon=0.5, delta=delta)
+    assert sigma == pytest.approx(math.sqrt(2 * math.log(1.25 / delta)) / 0.5)
+    assert paper_epsilon(noise_multiplier=sigma, delta=delta) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("epsilon", [0.2, 0.5, 0.9])
+def test_paper_formula_is_a_valid_single_step_bound_below_epsilon_one(epsilon: float) -> None:
+    """Where the classical bound holds (epsilon < 1), one Gaussian step at the paper's sigma spends at most
+    epsilon by the tight PLD accountant: the paper's per-step number is sound, its composition is not stated."""
+    sigma = paper_noise_multiplier(target_epsilon=epsilon, delta=1e-5)
+    tight = make_accountant("pld").compose(dp_accounting.GaussianDpEvent(sigma)).get_epsilon(1e-5)
+    assert tight <= epsilon
+
+
+def test_paper_ledger_reports_the_per_iteration_bound_without_composition() -> None:
+    ledger = PrivacyLedger(kind="paper")
+    for _ in range(50):
+        ledger.record(DpSgdRun(0.1, 2.0, 1))
+    assert ledger.epsilon(delta=1e-5) == pytest.approx(paper_epsilon(noise_multiplier=2.0, delta=1e-5))
+
+
+def test_every_mode_names_its_relation() -> None:
+    assert "client-level" in describe_guarantee(mode="client", epsilon=3.0, delta=1e-5, kind="rdp")
+    paper = describe_guarantee(mode="paper", epsilon=3.0, delta=1e-5, kind="rdp")
+    assert "paper bound, not a certified record-level guarantee" in paper and "RDP" not in paper

@@ -27,8 +27,8 @@ def write(tmp_path: Path, tree: dict) -> Path:
     ("tree", "field", "reason"),
     [
         ({"federation": {"num_clients": 2, "clients_per_round": 3}}, "federation", "clients_per_round (3) must be <="),
-        ({"privacy": {"target_epsilon": 8, "noise_multiplier": 1.0}}, "privacy", "exactly one"),
-        ({"privacy": {"target_epsilon": None}}, "privacy", "exactly one"),
+        ({"privacy": {"target_epsilon": None}}, "privacy", "needs target_epsilon"),
+        ({"privacy": {"mode": "dp"}}, "privacy.mode", "Input should be"),
         ({"privacy": {"delta": 1.5}}, "privacy.delta", "less than 1"),
         ({"federation": {"learning_rate": -1}}, "federation.learning_rate", "greater than 0"),
         ({"lora": {"rank": 0}}, "lora.rank", "greater than or equal to 1"),

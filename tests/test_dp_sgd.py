@@ -11,8 +11,9 @@ from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
 from dplora_core.model import attach_lora, init_lora_state, load_base_model
 from dplora_core.privacy import mechanisms as M
+from dplora_core.privacy.accountant import DpSgdRun
 from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
-from dplora_core.train import DpSgdParams, answer_nll, dp_gradients, plain_gradients, train_local
+from dplora_core.train import DpSgdParams, PaperDpParams, answer_nll, dp_gradients, plain_gradients, train_local
 
 TEXTS = [
     ("company profit rose .", "positive"), ("sales fell eur million .", "negative"),
@@ -223,3 +224,45 @@ def test_per_example_capture_leaves_weights_trainable_and_without_grad(tiny_mode
     with per_example_grads(modules):
         answer_nll(model, collate(data, pad_id=tok.pad_token_id)).sum().backward()
     assert all(m.weight.requires_grad and m.weight.grad is None for m in modules)
+
+
+def test_paper_mode_reproduces_dp_lora_algorithm_1_step_by_step(tiny_model_dir: Path) -> None:
+    """arXiv 2312.17493, Alg. 1, re-implemented here from the pseudo-code: sample B records, batch-mean
+    gradient, g_A <- g_A / max(1, ||g_A|| / C) and the same for g_B, each + N(0, sigma^2 C^2 I), SGD."""
+    sigma, c, lr, batch, steps = 0.5, 0.05, 0.1, 4, 2
+    model, tok, data = setup(tiny_model_dir)
+    train_local(model, data, steps=steps, batch_size=batch, microbatch_size=2, learning_rate=lr,
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(11), dp=PaperDpParams(sigma, c))
+
+    ref, _, _ = setup(tiny_model_dir)
+    ref.train()
+    gen = torch.Generator().manual_seed(11)
+    blocks = [[p for n, p in ref.named_parameters() if p.requires_grad and f".lora_{x}." in n] for x in "AB"]
+    norms_before_clip = []
+    for _ in range(steps):
+        idx = torch.randperm(len(data), generator=gen)[:batch].tolist()
+        ref.zero_grad(set_to_none=True)
+        answer_nll(ref, collate([data[i] for i in idx], pad_id=tok.pad_token_id)).mean().backward()
+        for block in blocks:
+            g = torch.cat([p.grad.flatten() for p in block])
+            norms_before_clip.append(float(g.norm()))
+            g = g / max(1.0, float(g.norm()) / c)
+            g = g + sigma * c * torch.randn(g.shape, generator=gen)
+            with torch.no_grad():
+                for p, gp in zip(block, g.split([p.numel() for p in block]), strict=True):
+                    p -= lr * gp.view_as(p)
+    assert max(norms_before_clip) > c  # the clipping was exercised
+    for (name, p), q in zip(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        [q for q in ref.parameters() if q.requires_grad],
+        strict=True,
+    ):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_paper_mode_reports_its_run_for_the_paper_formula(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    result = train_local(model, data, steps=3, batch_size=4, microbatch_size=2, learning_rate=0.1,
+                         pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                         dp=PaperDpParams(1.0, 1.0))
+    assert result.dp_run == DpSgdRun(4 / len(data), 1.0, 3)

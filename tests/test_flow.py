@@ -140,9 +140,11 @@ def test_stale_partition_is_named_not_an_index_error(finished, tmp_path: Path) -
         read_partition(other)
 
 
-def test_fixed_noise_seed_is_flagged_in_the_guarantee(finished) -> None:
-    _, metrics = finished
+def test_fixed_noise_seed_is_flagged_in_the_guarantee_and_recorded_as_a_run_tag(finished) -> None:
+    cfg, metrics = finished
     assert "VOID against anyone who knows privacy.noise_seed" in metrics["privacy"]["guarantee"]
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["dplora.noise_seed"] == str(cfg.privacy.noise_seed)
 
 
 def test_demo_shape_freeze_a_with_os_entropy_noise(
@@ -153,6 +155,8 @@ def test_demo_shape_freeze_a_with_os_entropy_noise(
                       federation__rounds=1)
     metrics = dplora_pipeline(cfg)
     assert "VOID" not in metrics["privacy"]["guarantee"]
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["dplora.noise_seed"] == "os-entropy"
     assert 0.9 * 8.0 < metrics["privacy"]["epsilon"] <= 8.0
     final = from_bytes((cfg.run_dir / "adapter.safetensors").read_bytes(), source="test")
     initial = from_bytes(init_adapter.fn(cfg).adapter, source="test")

@@ -4,12 +4,15 @@ The mechanism (a client's DP-SGD) reports what it did as a DpEvent; a thin state
 accountant composes events and answers epsilon for a delta. The maths is Google's
 dp-accounting library: RDP (Mironov 2017; Mironov, Talwar, Zhang 2019 for the Poisson
 subsampled Gaussian) or privacy loss distributions (Koskela et al. 2020; Doroshenko et
-al. 2022). Neighbouring relation: add or remove one record.
+al. 2022). The same Poisson-subsampled Gaussian event serves both certified modes: a DP-SGD
+step over records (mode `sample`) and a DP-FedAvg round over clients (mode `client`).
+Mode `paper` is answered with the DP-LoRA paper's own per-iteration formula (`paper_epsilon`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -17,7 +20,7 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 AccountantKind = Literal["rdp", "pld"]
-
+LedgerKind = Literal["rdp", "pld", "paper"]
 
 
 class _DropUnconvergedOrders(logging.Filter):
@@ -32,12 +35,14 @@ logging.getLogger("absl").addFilter(_DropUnconvergedOrders())
 ACCOUNTANT_NAMES = {
     "rdp": "RDP accountant (dp-accounting)",
     "pld": "PLD accountant (dp-accounting)",
+    "paper": "the DP-LoRA paper's per-iteration formula sigma >= sqrt(2 ln(1.25/delta)) / epsilon",
 }
 
 
 @dataclass(frozen=True)
 class DpSgdRun:
-    """What one client's DP-SGD did in one round: `steps` Poisson-sampled Gaussian steps."""
+    """`steps` Poisson-sampled Gaussian releases: one client's DP-SGD steps in a round (sample_rate over
+    its records), or one DP-FedAvg round of the server (sample_rate over clients, steps = 1)."""
 
     sample_rate: float
     noise_multiplier: float
@@ -58,21 +63,40 @@ def make_accountant(kind: AccountantKind) -> dp_accounting.PrivacyAccountant:
     raise ValueError(f"privacy.accountant: unknown accountant {kind!r}")
 
 
-class PrivacyLedger:
-    """Events spent on one dataset (one client's records), and the epsilon they add up to."""
+def paper_epsilon(*, noise_multiplier: float, delta: float) -> float:
+    """Per-iteration epsilon of DP-LoRA (Liu et al. 2023, arXiv 2312.17493), as the paper states it.
 
-    def __init__(self, *, kind: AccountantKind) -> None:
+    The paper requires sigma >= sqrt(2 ln(1.25/delta)) / epsilon for each iteration, the classical
+    Gaussian mechanism bound (Dwork & Roth 2014, Thm A.1, proven only for epsilon < 1, sensitivity C),
+    and composes nothing over iterations. Solved for epsilon. Not a certified record-level guarantee.
+    """
+    return math.sqrt(2 * math.log(1.25 / delta)) / noise_multiplier
+
+
+def paper_noise_multiplier(*, target_epsilon: float, delta: float) -> float:
+    """The sigma DP-LoRA prescribes for a per-iteration epsilon: sqrt(2 ln(1.25/delta)) / epsilon."""
+    return math.sqrt(2 * math.log(1.25 / delta)) / target_epsilon
+
+
+class PrivacyLedger:
+    """Events spent on one dataset (one client's records, or the population of clients), and their epsilon."""
+
+    def __init__(self, *, kind: LedgerKind) -> None:
         self.kind = kind
         self.runs: list[DpSgdRun] = []
 
     def record(self, run: DpSgdRun) -> None:
         self.runs.append(run)
 
-    def epsilon(self, *, delta: float) -> float:
-        if not self.runs:
+    def epsilon(self, *, delta: float, extra: tuple[DpSgdRun, ...] = ()) -> float:
+        """Epsilon of everything recorded (plus `extra`, to ask what a planned round would cost)."""
+        runs = [*self.runs, *extra]
+        if not runs:
             return 0.0
+        if self.kind == "paper":
+            return max(paper_epsilon(noise_multiplier=r.noise_multiplier, delta=delta) for r in runs)
         accountant = make_accountant(self.kind)
-        accountant.compose(dp_accounting.ComposedDpEvent([r.event() for r in self.runs]))
+        accountant.compose(dp_accounting.ComposedDpEvent([r.event() for r in runs]))
         return float(accountant.get_epsilon(delta))
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,22 +110,28 @@ class PrivacyLedger:
 
 
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: AccountantKind
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int = 1, kind: AccountantKind
 ) -> float:
-    """Smallest sigma whose `steps` Poisson-subsampled Gaussian steps spend at most target_epsilon.
+    """Smallest sigma whose `rounds` x `steps` Poisson-subsampled Gaussian steps spend at most target_epsilon.
 
+    The events are composed exactly as a PrivacyLedger composes them round by round, so the
+    ledger's epsilon after the last planned round is the calibrated one, bit for bit.
     RDP is searched from a wide bracket. PLD is searched below the RDP answer (PLD is the
     tighter bound, so its sigma is smaller), which keeps it away from tiny sigmas whose
     privacy loss distributions would not fit in memory.
     """
 
     def event(sigma: float) -> dp_accounting.DpEvent:
-        return DpSgdRun(sample_rate, sigma, steps).event()
+        return dp_accounting.ComposedDpEvent([DpSgdRun(sample_rate, sigma, steps).event()] * rounds)
 
     sigma_rdp = float(
         dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant("rdp"), event, target_epsilon, delta,
-            dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4,
+            lambda: make_accountant("rdp"),
+            event,
+            target_epsilon,
+            delta,
+            dp_accounting.LowerEndpointAndGuess(1e-2, 1.0),
+            tol=1e-4,
         )
     )
     if kind == "rdp":
@@ -116,25 +146,35 @@ def calibrate_noise_multiplier(
 
 RELATIONS = {
     "sample": (
-        "record-level: adding or removing one record of one client's dataset "
-        "(client dataset sizes treated as public)"
+        "record-level: adding or removing one record of one client's dataset (client dataset sizes treated as public)"
     ),
+    "client": (
+        "client-level: adding or removing one client with all its records "
+        "(Poisson client sampling; the server is trusted to clip and noise the updates)"
+    ),
+    "paper": "paper bound, not a certified record-level guarantee",
     "none": "none: no differential privacy",
+}
+
+MECHANISMS = {
+    "sample": "Poisson-subsampled Gaussian DP-SGD; worst client",
+    "client": "DP-FedAvg with Poisson-subsampled clients",
+    "paper": "per iteration, no composition over iterations, as published in arXiv 2312.17493",
 }
 
 
 def describe_guarantee(
-    *, mode: str, epsilon: float, delta: float, kind: AccountantKind, fixed_seed: bool = False
+    *, mode: str, epsilon: float, delta: float, kind: LedgerKind, fixed_seed: bool = False
 ) -> str:
     """One line an auditor can check: epsilon, delta, neighbouring relation, accountant."""
     if mode == "none":
         return "no differential privacy (privacy.mode = none): epsilon = infinity"
+    if mode == "paper":
+        kind = "paper"
     text = (
         f"(epsilon = {epsilon:.3f}, delta = {delta:g})-DP, {RELATIONS[mode]}; "
-        f"{ACCOUNTANT_NAMES[kind]}, Poisson-subsampled Gaussian DP-SGD; worst client"
+        f"{ACCOUNTANT_NAMES[kind]}, {MECHANISMS[mode]}"
     )
     if fixed_seed:
-        text += (
-            "; VOID against anyone who knows privacy.noise_seed (fixed seed: reproducible experiments only)"
-        )
+        text += "; VOID against anyone who knows privacy.noise_seed (fixed seed: reproducible experiments only)"
     return text

@@ -1,0 +1,64 @@
+"""Round checkpoints: the global adapter (safetensors) and the run state (JSON), both written atomically.
+
+`state.json` is written last and names its adapter file, so a crash at any point leaves the
+previous checkpoint whole. The state holds the accountant ledgers, the noise plan and the
+config, so a resumed run continues the same privacy accounting (Opacus keeps the accountant's
+`state_dict` in checkpoints for the same reason).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dplora_core.io import atomic_write
+
+STATE = "state.json"
+# Fields a resumed run may change: more rounds (the budget guard still applies), and where it is tracked.
+RESUMABLE_CHANGES = ("federation.rounds",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message names the file or the config fields."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    adapter: bytes  # safetensors
+    state: dict[str, Any]
+
+
+def save_checkpoint(directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any]) -> None:
+    """Write round `round_num`'s checkpoint, then drop the previous adapter file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"adapter-round-{round_num:04d}.safetensors"
+    atomic_write(directory / name, adapter)
+    atomic_write(directory / STATE, json.dumps({"round": round_num, "adapter": name, **state}, indent=2).encode())
+    for old in directory.glob("adapter-round-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(directory: Path) -> Checkpoint | None:
+    """The latest checkpoint in `directory`, or None if there is none."""
+    path = directory / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        adapter = (directory / state["adapter"]).read_bytes()
+    except (json.JSONDecodeError, KeyError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+    return Checkpoint(round=int(state.pop("round")), adapter=adapter, state=state)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted config fields that differ between a checkpoint and the run resuming it, except resumable ones."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        k for k in keys
+        if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("tracking.")
+    ]

@@ -1,0 +1,135 @@
+"""Privacy modes, the budget guard, checkpoints and resume, through the Prefect flows on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from dplora_core.checkpoint import CheckpointError, load_checkpoint
+from dplora_core.data import partition_iid
+from dplora_core.privacy.accountant import make_accountant, paper_epsilon
+from flows.federated import federated_finetune
+from flows.pipeline import dplora_pipeline
+from tests.helpers import tiny_config
+
+ORDERS = list(make_accountant("rdp").orders)  # type: ignore[attr-defined]
+
+
+def opacus_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """Reference epsilon from an independent implementation (Opacus RDP)."""
+    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS)
+    return float(opacus_rdp.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0])
+
+
+def test_budget_guard_stops_before_the_round_that_would_cross_the_target(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    sigma, delta, batch, steps = 1.0, 1e-3, 8, 2
+    n = min(len(s) for s in partition_iid(48, 2, seed=0))  # the smaller client spends the most
+    eps = [opacus_epsilon(batch / n, sigma, k * steps, delta) for k in range(1, 5)]
+    target = (eps[1] + eps[2]) / 2  # two rounds fit, the third would cross
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=sigma, privacy__target_epsilon=target,
+        privacy__delta=delta, federation__rounds=4,
+    )
+    metrics = dplora_pipeline(cfg)
+    training = json.loads((cfg.run_dir / "training.json").read_text())
+    assert training["rounds"] == 2 and len(training["history"]) == 2
+    assert "round 3 would take client" in training["stopped_by_budget_guard"]
+    assert metrics["privacy"]["epsilon"] == pytest.approx(eps[1], rel=1e-3)
+    assert metrics["privacy"]["epsilon"] <= target
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert "budget guard" in tags["dplora.stopped_by_budget_guard"]
+
+
+@pytest.fixture
+def two_rounds(tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None):
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=2)
+    return cfg, dplora_pipeline(cfg)
+
+
+def test_checkpoint_and_mlflow_hold_the_accountant_state(two_rounds) -> None:
+    cfg, metrics = two_rounds
+    ledgers = json.loads((cfg.run_dir / "training.json").read_text())["privacy"]["ledgers"]
+    assert [len(ledger["runs"]) for ledger in ledgers.values()] == [2, 2]
+    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
+    assert checkpoint is not None and checkpoint.round == 2
+    assert checkpoint.state["ledgers"] == ledgers
+    assert checkpoint.adapter == (cfg.run_dir / "adapter.safetensors").read_bytes()
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    local = client.download_artifacts(metrics["mlflow_run_id"], "privacy/accountant.json", str(cfg.run_dir))
+    logged = json.loads(Path(local).read_text())
+    assert logged == {"round": 2, "ledgers": ledgers}
+
+
+def test_resumed_run_stops_at_the_budget_it_already_spent(two_rounds) -> None:
+    """Calibrated for 2 rounds, resumed with rounds=4: the sigma is kept and round 3 would cross epsilon 8."""
+    cfg, metrics = two_rounds
+    more = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 4})})
+    resumed = federated_finetune(more, resume=True)
+    assert resumed["rounds"] == 2
+    assert "round 3" in resumed["stopped_by_budget_guard"]
+    assert resumed["mlflow_run_id"] == metrics["mlflow_run_id"]
+    assert resumed["privacy"]["epsilon"] == metrics["privacy"]["epsilon"]
+
+
+def test_resume_refuses_a_changed_config_naming_the_field(two_rounds) -> None:
+    cfg, _ = two_rounds
+    other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": 3})})
+    with pytest.raises(CheckpointError, match=r"config changed since the checkpoint: lora\.rank"):
+        federated_finetune(other, resume=True)
+
+
+def test_resume_continues_training_and_accounting(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    sigma, delta = 1.2, 1e-3
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=sigma, privacy__target_epsilon=None,
+        privacy__delta=delta, federation__rounds=1,
+    )
+    dplora_pipeline(cfg)
+    more = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})})
+    resumed = federated_finetune(more, resume=True)
+    assert [row["round"] for row in resumed["history"]] == [1, 2]
+    n = min(len(s) for s in partition_iid(48, 2, seed=0))
+    steps = 2 * cfg.federation.local_steps
+    assert resumed["privacy"]["epsilon"] == pytest.approx(opacus_epsilon(8 / n, sigma, steps, delta), rel=1e-3)
+
+
+def test_client_level_mode_with_adaptive_clipping(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__mode="client", privacy__target_epsilon=8.0,
+        privacy__adaptive_clipping=True, privacy__clipped_count_stddev=2.0, privacy__max_grad_norm=0.01,
+        federation__num_clients=4, federation__clients_per_round=2, federation__rounds=3,
+    )
+    metrics = dplora_pipeline(cfg)
+    priv, history = metrics["privacy"], json.loads((cfg.run_dir / "training.json").read_text())["history"]
+    z = priv["noise_multipliers"]["server"]
+    reference = opacus_epsilon(2 / 4, z, 3, cfg.privacy.delta)
+    assert priv["epsilon"] == pytest.approx(reference, rel=1e-3)
+    assert reference <= 8.0
+    assert "client-level" in priv["guarantee"] and priv["per_client_epsilon"] == {}
+    assert all(row["train_loss"] is None for row in history)  # no raw losses leave a client
+    assert len({row["clip_norm"] for row in history}) == 3  # the clip norm adapts every round
+
+
+def test_paper_mode_labels_its_epsilon_as_the_papers_bound(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__mode="paper", privacy__target_epsilon=2.0,
+        privacy__upload_noise_std=1e-4, federation__rounds=1,
+    )
+    metrics = dplora_pipeline(cfg)
+    priv = metrics["privacy"]
+    assert "paper bound, not a certified record-level guarantee" in priv["guarantee"]
+    sigma = priv["noise_multipliers"]["clients"]["0"]
+    assert priv["epsilon"] == pytest.approx(paper_epsilon(noise_multiplier=sigma, delta=cfg.privacy.delta))
+    assert priv["epsilon"] == pytest.approx(2.0)
