@@ -33,8 +33,12 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     metrics = {
         "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority},
         "privacy": {k: v for k, v in training["privacy"].items() if k != "ledgers"},
-        "bytes": training["bytes"], "rounds": training["rounds"], "num_clients": training["num_clients"],
-        "train_seconds": training["train_seconds"], "mlflow_run_id": training["mlflow_run_id"],
+        "bytes": training["bytes"],
+        "rounds": training["rounds"],
+        "stopped_by_budget_guard": training["stopped_by_budget_guard"],
+        "num_clients": training["num_clients"],
+        "train_seconds": training["train_seconds"],
+        "mlflow_run_id": training["mlflow_run_id"],
     }
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])

@@ -28,6 +28,8 @@ def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -
         ("download saving vs full model", f"{b['full_model_down'] / max(b['down'], 1):,.0f}x"),
         ("training wall time", f"{metrics['train_seconds']:.0f} s"),
     ]
+    if metrics.get("stopped_by_budget_guard"):
+        rows.append(("stopped early", metrics["stopped_by_budget_guard"]))
     if wall_seconds is not None:
         rows.append(("total wall time", f"{wall_seconds:.0f} s"))
     width = max(len(k) for k, _ in rows)

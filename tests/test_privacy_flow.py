@@ -14,6 +14,7 @@ from dplora_core.data import partition_iid
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
 from flows.federated import federated_finetune
 from flows.pipeline import dplora_pipeline
+from flows.report import format_summary
 from tests.helpers import tiny_config
 
 ORDERS = list(make_accountant("rdp").orders)  # type: ignore[attr-defined]
@@ -44,6 +45,7 @@ def test_budget_guard_stops_before_the_round_that_would_cross_the_target(
     assert metrics["privacy"]["epsilon"] <= target
     tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
     assert "budget guard" in tags["dplora.stopped_by_budget_guard"]
+    assert "stopped early" in format_summary(metrics)
 
 
 @pytest.fixture
