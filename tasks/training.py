@@ -56,7 +56,7 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
     if p.mode == "none":
         return NoisePlan()
     if p.mode == "client":
-        _check_delta(p.delta, f.num_clients, "the client population")
+        check_delta(p.delta, f.num_clients, "the client population")
         if p.noise_multiplier is not None:
             return NoisePlan(server=p.noise_multiplier)
         assert p.target_epsilon is not None
@@ -67,7 +67,7 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
         return NoisePlan(server=z)
     sizes = [len(s) for s in read_partition(cfg)]
     for k, n in enumerate(sizes):
-        _check_delta(p.delta, n, f"client {k}")
+        check_delta(p.delta, n, f"client {k}")
     if p.noise_multiplier is not None:
         return NoisePlan(clients={k: p.noise_multiplier for k in range(len(sizes))})
     assert p.target_epsilon is not None
@@ -85,7 +85,7 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
     )
 
 
-def _check_delta(delta: float, n: int, who: str) -> None:
+def check_delta(delta: float, n: int, who: str) -> None:
     if delta * n > MAX_DELTA_TIMES_N:
         raise ValueError(
             f"privacy.delta ({delta}) is too large for {who} ({n} records or clients): "
