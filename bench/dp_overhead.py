@@ -25,6 +25,7 @@ from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
 from dplora_core.model import attach_lora, load_base_model
 from dplora_core.privacy import mechanisms as M
+from dplora_core.privacy.grad_sample import PerExampleGrads, trainable_linears
 from dplora_core.train import DpSgdParams, answer_nll, dp_gradients, plain_gradients
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,6 +57,7 @@ def measure(
     mbs = [collate(items, pad_id=int(tok.pad_token_id))]
     dp = DpSgdParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01)
     gen = torch.Generator().manual_seed(0)
+    buffer = PerExampleGrads(trainable_linears(model))  # reused across steps, as train_local does
 
     def plain() -> None:
         model.zero_grad(set_to_none=True)
@@ -63,7 +65,7 @@ def measure(
 
     def private() -> None:
         model.zero_grad(set_to_none=True)
-        dp_gradients(model, mbs, dp=dp, expected_batch_size=batch, generator=gen)
+        dp_gradients(model, mbs, dp=dp, expected_batch_size=batch, generator=gen, grads=buffer)
 
     def opacus() -> None:
         for p in twin_params:

@@ -115,12 +115,15 @@ def dp_gradients(
     expected_batch_size: float,
     generator: torch.Generator,
     label_ids: Sequence[int] | None = None,
+    grads: PerExampleGrads | None = None,
 ) -> float:
-    """Fill .grad with (sum of clipped per-example grads + N(0, sigma^2 C^2)) / B; return the loss sum."""
-    modules = trainable_linears(model)
-    device = modules[0].weight.device
-    summed = torch.zeros(sum(m.weight.numel() for m in modules), device=device)  # (d,)
-    grads = PerExampleGrads(modules)
+    """Fill .grad with (sum of clipped per-example grads + N(0, sigma^2 C^2)) / B; return the loss sum.
+
+    grads: the per-example gradient buffer to reuse across steps (made here if None).
+    """
+    grads = grads if grads is not None else PerExampleGrads(trainable_linears(model))
+    modules = grads.modules
+    summed = torch.zeros(grads.dim, device=modules[0].weight.device)  # (d,)
     total = 0.0
     for mb in microbatches:
         with per_example_grads(modules, reuse=grads):
@@ -205,6 +208,7 @@ def train_local(
     model.train()
     n = len(data)
     loss_sum, seen = 0.0, 0
+    grads = PerExampleGrads(trainable_linears(model)) if isinstance(dp, DpSgdParams) else None
     for _ in range(steps):
         if isinstance(dp, DpSgdParams):
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
@@ -214,7 +218,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         if isinstance(dp, DpSgdParams):
             loss_sum += dp_gradients(
-                model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator, label_ids=label_ids
+                model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator, label_ids=label_ids,
+                grads=grads,
             )
         elif isinstance(dp, PaperDpParams):
             loss_sum += paper_gradients(

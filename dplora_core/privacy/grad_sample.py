@@ -29,8 +29,9 @@ def trainable_linears(model: nn.Module) -> list[nn.Linear]:
             if m.bias is not None and m.bias.requires_grad:
                 raise ValueError(f"{name}: trainable bias is not supported by the per-example hooks")
             mods.append(m)
+    weights = {id(m.weight) for m in mods}
     for name, p in model.named_parameters():
-        if p.requires_grad and not any(p is m.weight for m in mods):
+        if p.requires_grad and id(p) not in weights:
             raise ValueError(f"{name}: trainable parameter outside a bias-free nn.Linear")
     return mods
 
