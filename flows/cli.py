@@ -140,6 +140,13 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dplora",
@@ -168,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "the budget guard still applies",
             )
         if name == "audit":
-            p.add_argument("--canaries", type=int, default=64, help="canaries planted (and as many held out)")
+            p.add_argument("--canaries", type=positive_int, default=64, help="canaries planted (and as many held out)")
     return parser
 
 

@@ -58,12 +58,15 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
     if p.mode == "client":
         check_delta(p.delta, f.num_clients, "the client population")
         if p.noise_multiplier is not None:
-            return NoisePlan(server=p.noise_multiplier)
-        assert p.target_epsilon is not None
-        z = calibrate_noise_multiplier(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=client_sample_rate(cfg), steps=1,
-            rounds=f.rounds, kind=p.accountant,
-        )
+            z = p.noise_multiplier
+        else:
+            assert p.target_epsilon is not None
+            z = calibrate_noise_multiplier(
+                target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=client_sample_rate(cfg), steps=1,
+                rounds=f.rounds, kind=p.accountant,
+            )
+        if p.adaptive_clipping:
+            update_noise_multiplier(z, count_stddev(cfg))  # refuses a count noise the budget cannot pay for
         return NoisePlan(server=z)
     sizes = [len(s) for s in read_partition(cfg)]
     for k, n in enumerate(sizes):

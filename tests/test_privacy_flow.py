@@ -135,3 +135,17 @@ def test_paper_mode_labels_its_epsilon_as_the_papers_bound(
     sigma = priv["noise_multipliers"]["clients"]["0"]
     assert priv["epsilon"] == pytest.approx(paper_epsilon(noise_multiplier=sigma, delta=cfg.privacy.delta))
     assert priv["epsilon"] == pytest.approx(2.0)
+
+
+def test_adaptive_clipping_budget_it_cannot_pay_for_is_refused_before_training(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.training import plan_noise
+
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__mode="client", privacy__noise_multiplier=3.0,
+        privacy__adaptive_clipping=True, privacy__clipped_count_stddev=0.5,
+        federation__num_clients=4, federation__clients_per_round=2,
+    )
+    with pytest.raises(ValueError, match=r"privacy\.clipped_count_stddev \(0\.5\) is too small"):
+        plan_noise.fn(cfg)
