@@ -15,3 +15,8 @@ def atomic_write(path: Path, payload: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)

@@ -7,7 +7,7 @@ Differential privacy wraps a strategy rather than forking it (`DpFedAvgServerSid
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -63,7 +63,6 @@ class DpFedAvgServerSide:
     expected_clients: float  # qN
     generator: torch.Generator
     adaptive: AdaptiveClipping | None = None
-    last_unclipped: int = field(default=0, init=False)
 
     def aggregate(
         self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
@@ -80,10 +79,10 @@ class DpFedAvgServerSide:
         noised = {
             k: add_gaussian_noise(total[k] / self.expected_clients, std=std, generator=self.generator) for k in keys
         }
-        self.last_unclipped = sum(CL.update_norm(u) <= self.clip_norm for u in updates)
         if self.adaptive is not None:
+            centred = CL.centred_unclipped_count([CL.update_norm(u) for u in updates], self.clip_norm)
             self.clip_norm = CL.next_clip_norm(
-                self.clip_norm, self.last_unclipped, expected_clients=self.expected_clients,
+                self.clip_norm, centred, expected_clients=self.expected_clients,
                 count_stddev=self.adaptive.count_stddev, target_quantile=self.adaptive.target_quantile,
                 learning_rate=self.adaptive.learning_rate, generator=self.generator,
             )

@@ -152,6 +152,17 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
             f"{cfg.run_dir / 'checkpoint'}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
         )
     state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
+    pending = checkpoint.state.get("pending")
+    if pending and cfg.privacy.noise_seed is None:
+        # The interrupted round may already have released noisy updates; re-running it draws fresh noise,
+        # a second release. Charge the first one. (With a fixed seed the re-run repeats the same release.)
+        for key, event in pending["events"].items():
+            state.ledgers[key].record(DpSgdRun(**event))
+        get_run_logger().warning(
+            "round %d was interrupted after it may have released client updates: its privacy cost is charged, "
+            "and the round runs again with fresh noise",
+            pending["round"],
+        )
     run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
     run.reopen()
     return state, run
@@ -177,18 +188,26 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
             if stopped:
                 log.warning(stopped)
                 break
+            checkpoint = cfg.run_dir / "checkpoint"
+            pending = {"round": r, "events": {k: asdict(run) for k, run in events.items()}}
+            save_checkpoint(  # write-ahead: a crash from here on charges this round on resume
+                checkpoint,
+                round_num=state.global_model.round,
+                adapter=state.global_model.adapter,
+                state=state.to_json() | {"config": cfg.flat(), "pending": pending},
+            )
             run_round(cfg, state, r, clients, events)
             state.train_seconds += time.monotonic() - start
+            save_checkpoint(
+                checkpoint,
+                round_num=r,
+                adapter=state.global_model.adapter,
+                state=state.to_json() | {"config": cfg.flat()},
+            )
             row = state.history[-1]
             run.log_metrics(
                 {k: v for k, v in row.items() if k not in ("round", "clients") and v is not None and np.isfinite(v)},
                 step=r,
-            )
-            save_checkpoint(
-                cfg.run_dir / "checkpoint",
-                round_num=r,
-                adapter=state.global_model.adapter,
-                state=state.to_json() | {"config": cfg.flat()},
             )
             ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
             run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
@@ -196,7 +215,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
                 r,
                 f.rounds,
-                clients,
+                "(private in mode client)" if row["clients"] is None else row["clients"],
                 row["val_loss"],
                 row["val_accuracy"],
                 row["val_macro_f1"],
@@ -241,20 +260,27 @@ def run_round(
     state.bytes_up += round_up
     state.client_rounds += len(clients)
     state.global_model = new_model
+    private = participation_is_private(cfg)
     state.history.append(
         {
             "round": r,
-            "clients": clients,
+            "clients": None if private else clients,
             "train_loss": _weighted_train_loss(updates),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
             "epsilon": epsilon,
             "clip_norm": state.clip_norm if p.mode == "client" else None,
-            "bytes_up": round_up,
-            "bytes_down": round_down,
+            "bytes_up": None if private else round_up,
+            "bytes_down": None if private else round_down,
         }
     )
+
+
+def participation_is_private(cfg: ExperimentConfig) -> bool:
+    """Mode client: who took part in a round (ids, counts, bytes) stays on the server. The client-level
+    epsilon rests on amplification by sampling, which holds only if the sample is secret."""
+    return cfg.privacy.mode == "client"
 
 
 def write_outputs(
@@ -288,12 +314,18 @@ def write_outputs(
             "ledgers": {k: ledger.state_dict() for k, ledger in state.ledgers.items()},
         },
         "bytes": {
-            "up": state.bytes_up,
-            "down": state.bytes_down,
             "adapter": len(state.global_model.adapter),
             "full_model": full_bytes,
-            "full_model_up": full_bytes * state.client_rounds,
-            "full_model_down": full_bytes * state.client_rounds,
+            **(
+                {"up": None, "down": None, "full_model_up": None, "full_model_down": None}
+                if participation_is_private(cfg)  # mode client: participation stays on the server
+                else {
+                    "up": state.bytes_up,
+                    "down": state.bytes_down,
+                    "full_model_up": full_bytes * state.client_rounds,
+                    "full_model_down": full_bytes * state.client_rounds,
+                }
+            ),
         },
         "history": state.history,
         "train_seconds": state.train_seconds,

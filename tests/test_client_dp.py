@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dplora_core.privacy.client_level import clip_update, next_clip_norm, update_norm
+from dplora_core.privacy.client_level import centred_unclipped_count, clip_update, next_clip_norm, update_norm
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg
 
 
@@ -77,9 +77,16 @@ def test_adaptive_clip_converges_to_the_target_quantile_of_update_norms() -> Non
     norms = torch.linspace(0.1, 10.0, 50)  # median ~ 5.05
     clip, gen = 1.0, torch.Generator().manual_seed(0)
     for _ in range(400):
-        unclipped = int((norms <= clip).sum())
+        centred = centred_unclipped_count(norms.tolist(), clip)
         clip = next_clip_norm(
-            clip, unclipped, expected_clients=50, count_stddev=1.0, target_quantile=0.5, learning_rate=0.2,
-            generator=gen,
+            clip, centred, expected_clients=50, count_stddev=1.0, target_quantile=0.5, learning_rate=0.2, generator=gen
         )
     assert 4.0 < clip < 6.2
+
+
+@pytest.mark.parametrize("newcomer_norm", [0.1, 10.0])
+def test_one_client_moves_the_released_count_by_exactly_one_half(newcomer_norm: float) -> None:
+    """The sensitivity the adaptive-clipping budget split charges for (z_d uses 2 sigma_b)."""
+    norms = [0.5, 2.0, 3.0, 0.7]
+    with_client = centred_unclipped_count([*norms, newcomer_norm], 1.0)
+    assert abs(with_client - centred_unclipped_count(norms, 1.0)) == 0.5

@@ -266,3 +266,10 @@ def test_paper_mode_reports_its_run_for_the_paper_formula(tiny_model_dir: Path) 
                          pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
                          dp=PaperDpParams(1.0, 1.0))
     assert result.dp_run == DpSgdRun(4 / len(data), 1.0, 3)
+
+
+def test_noise_generator_keys_of_different_length_never_collide() -> None:
+    cpu = torch.device("cpu")
+    short = torch.rand(4, generator=M.noise_generator(7, 1, 2, device=cpu))
+    padded = torch.rand(4, generator=M.noise_generator(7, 1, 2, 0, device=cpu))
+    assert not torch.equal(short, padded)

@@ -119,6 +119,9 @@ def test_client_level_mode_with_adaptive_clipping(
     assert reference <= 8.0
     assert "client-level" in priv["guarantee"] and priv["per_client_epsilon"] == {}
     assert all(row["train_loss"] is None for row in history)  # no raw losses leave a client
+    # who took part stays on the server: amplification by sampling needs a secret sample
+    assert all(row["clients"] is None and row["bytes_up"] is None for row in history)
+    assert metrics["bytes"]["up"] is None and "bytes per adapter payload" in format_summary(metrics)
     assert len({row["clip_norm"] for row in history}) == 3  # the clip norm adapts every round
 
 
@@ -149,3 +152,34 @@ def test_adaptive_clipping_budget_it_cannot_pay_for_is_refused_before_training(
     )
     with pytest.raises(ValueError, match=r"privacy\.clipped_count_stddev \(0\.5\) is too small"):
         plan_noise.fn(cfg)
+
+
+@pytest.mark.parametrize(("noise_seed", "charged"), [(None, 3), (7, 2)])
+def test_a_round_interrupted_after_release_is_charged_on_resume(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
+    noise_seed: int | None, charged: int,
+) -> None:
+    """Round 2 crashes after the clients uploaded. With OS-entropy noise the re-run is a second release, so the
+    resumed run charges round 2 twice; with a fixed seed the re-run repeats the same release, charged once."""
+    import flows.federated as federated
+
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
+        privacy__noise_seed=noise_seed, federation__rounds=2,
+    )
+    calls = {"n": 0}
+    real = federated.evaluate
+
+    def crash_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash after the round's uploads")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "evaluate", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dplora_pipeline(cfg)
+    monkeypatch.setattr(federated, "evaluate", real)
+    resumed = federated_finetune(cfg, resume=True)
+    assert [row["round"] for row in resumed["history"]] == [1, 2]
+    assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]

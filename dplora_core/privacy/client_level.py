@@ -46,12 +46,18 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None)
     return rest**-0.5
 
 
+def centred_unclipped_count(norms: list[float], clip_norm: float) -> float:
+    """sum_i (1[||update_i|| <= S] - 1/2): adding or removing one client moves it by exactly 1/2, the
+    sensitivity `update_noise_multiplier` charges for (Andrew et al. 2021, Sec. 3; TF-Privacy centres too)."""
+    return sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms)
+
+
 def next_clip_norm(
-    clip_norm: float, unclipped: int, *, expected_clients: float, count_stddev: float, target_quantile: float,
-    learning_rate: float, generator: torch.Generator,
+    clip_norm: float, centred_count: float, *, expected_clients: float, count_stddev: float,
+    target_quantile: float, learning_rate: float, generator: torch.Generator,
 ) -> float:
     """Geometric update of S towards the target quantile of update norms (Andrew et al. 2021, Alg. 1):
-    b = (#{||update|| <= S} + N(0, sigma_b^2)) / (qN);  S <- S * exp(-eta (b - gamma))."""
+    b = (centred count + N(0, sigma_b^2)) / (qN) + 1/2;  S <- S * exp(-eta (b - gamma))."""
     noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
-    fraction = (unclipped + noise) / expected_clients
+    fraction = (centred_count + noise) / expected_clients + 0.5
     return clip_norm * math.exp(-learning_rate * (fraction - target_quantile))

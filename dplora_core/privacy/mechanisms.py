@@ -46,5 +46,7 @@ def noise_generator(seed: int | None, *keys: int, device: torch.device) -> torch
     if seed is None:
         derived = secrets.randbits(63)
     else:
-        derived = int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        # The key count goes first: SeedSequence would treat (a, b) and (a, b, 0) as the same entropy.
+        entropy = [seed, len(keys), *keys]
+        derived = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(derived)
