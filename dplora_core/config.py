@@ -118,6 +118,12 @@ class FederationConfig(_Strict):
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
+    min_clients: int | None = Field(
+        None, ge=1, description="Quorum: a round is applied if this many of its clients succeed (None: all)."
+    )
+    client_timeout_seconds: float | None = Field(
+        None, gt=0, description="Per-client limit on one round's local training, stragglers fail (None: no limit)."
+    )
 
     @model_validator(mode="after")
     def _clients_per_round_fit(self) -> FederationConfig:
@@ -125,6 +131,11 @@ class FederationConfig(_Strict):
             raise ValueError(
                 f"federation.clients_per_round ({self.clients_per_round}) must be <= "
                 f"federation.num_clients ({self.num_clients})"
+            )
+        if self.min_clients is not None and self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"federation.min_clients ({self.min_clients}) must be <= "
+                f"federation.clients_per_round ({self.clients_per_round})"
             )
         return self
 

@@ -107,9 +107,7 @@ def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -
         assert plan.server is not None
         return {POPULATION: DpSgdRun(client_sample_rate(cfg), plan.server, 1)}
     sizes = [len(shard) for shard in read_partition(cfg)]
-    return {
-        str(k): DpSgdRun(sample_rate(f.batch_size, sizes[k]), plan.clients[k], f.local_steps) for k in clients
-    }
+    return {str(k): DpSgdRun(sample_rate(f.batch_size, sizes[k]), plan.clients[k], f.local_steps) for k in clients}
 
 
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
@@ -205,10 +203,10 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 state=state.to_json() | {"config": cfg.flat()},
             )
             row = state.history[-1]
-            run.log_metrics(
-                {k: v for k, v in row.items() if k not in ("round", "clients") and v is not None and np.isfinite(v)},
-                step=r,
-            )
+            numbers = {k: v for k, v in row.items() if isinstance(v, float | int) and k != "round"}
+            run.log_metrics({k: v for k, v in numbers.items() if np.isfinite(v)}, step=r)
+            if row["failed_clients"]:
+                run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
             ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
             run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
             log.info(
@@ -229,18 +227,11 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     return summary
 
 
-def run_round(
-    cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun]
-) -> None:
+def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun]) -> None:
     """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
-    sigmas = [state.plan.clients.get(k) for k in clients]
-    updates: list[ClientUpdate] = (
-        train_client.map(unmapped(cfg), unmapped(r), clients, unmapped(global_model), sigmas).result()
-        if clients
-        else []
-    )
+    updates, failed = train_round_clients(cfg, r, clients, global_model, state.plan)
     for u in updates:
         expected = events.get(str(u.client_id))
         if p.mode in ("sample", "paper") and u.dp_run != expected:
@@ -250,8 +241,9 @@ def run_round(
         new_model, state.clip_norm = aggregate_private(cfg, global_model, updates, state.plan.server, state.clip_norm)
     else:
         new_model = aggregate(cfg, global_model, updates)
-    for key, run in events.items():  # spent once the round's release exists
-        state.ledgers[key].record(run)
+    for key, run in events.items():  # spent once the round's release exists (a failed client released nothing)
+        if p.mode == "client" or int(key) not in failed:
+            state.ledgers[key].record(run)
     val = evaluate(cfg, new_model.adapter, "validation")
     epsilon, _ = spent_epsilon(cfg, state.ledgers)
     round_down = len(global_model.adapter) * len(clients)
@@ -265,6 +257,8 @@ def run_round(
         {
             "round": r,
             "clients": None if private else clients,
+            "failed_clients": None if private else sorted(failed),
+            "failures": None if private else len(failed),
             "train_loss": _weighted_train_loss(updates),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
@@ -275,6 +269,48 @@ def run_round(
             "bytes_down": None if private else round_down,
         }
     )
+
+
+class RoundFailed(RuntimeError):
+    """Fewer clients than the quorum succeeded: the round is not applied."""
+
+
+def train_round_clients(
+    cfg: ExperimentConfig, r: int, clients: list[int], global_model: GlobalModel, plan: NoisePlan
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """Train the round's clients (retries and timeout on the task); (updates, {failed client: why}) if the
+    quorum of federation.min_clients is met, else RoundFailed naming the failed clients."""
+    f = cfg.federation
+    trainer = (
+        train_client.with_options(timeout_seconds=f.client_timeout_seconds)
+        if f.client_timeout_seconds
+        else train_client
+    )
+    futures = trainer.map(
+        unmapped(cfg), unmapped(r), clients, unmapped(global_model), [plan.clients.get(k) for k in clients]
+    )
+    updates: list[ClientUpdate] = []
+    failed: dict[int, str] = {}
+    for k, future in zip(clients, futures, strict=True):
+        future.wait()
+        if future.state.is_completed():
+            updates.append(future.result())
+        else:
+            failed[k] = future.state.message or future.state.type.value
+    quorum = min(f.min_clients or len(clients), len(clients))
+    who = (
+        f"{len(failed)} sampled client(s)"  # mode client: who was sampled stays private
+        if participation_is_private(cfg)
+        else ", ".join(f"client {k} ({why})" for k, why in failed.items())
+    )
+    if len(updates) < quorum:
+        raise RoundFailed(
+            f"round {r}: {len(updates)} of {len(clients)} clients succeeded, below the quorum of {quorum} "
+            f"(federation.min_clients); failed: {who}. Nothing of the round was applied."
+        )
+    if failed:
+        get_run_logger().warning("round %d proceeds without %s", r, who)
+    return updates, failed
 
 
 def participation_is_private(cfg: ExperimentConfig) -> bool:

@@ -28,6 +28,8 @@ def write(tmp_path: Path, tree: dict) -> Path:
     [
         ({"federation": {"num_clients": 2, "clients_per_round": 3}}, "federation", "clients_per_round (3) must be <="),
         ({"privacy": {"target_epsilon": None}}, "privacy", "needs target_epsilon"),
+        ({"federation": {"clients_per_round": 2, "min_clients": 3}}, "federation", "min_clients (3) must be <="),
+        ({"federation": {"client_timeout_seconds": 0}}, "federation.client_timeout_seconds", "greater than 0"),
         ({"privacy": {"mode": "dp"}}, "privacy.mode", "Input should be"),
         ({"privacy": {"delta": 1.5}}, "privacy.delta", "less than 1"),
         ({"federation": {"learning_rate": -1}}, "federation.learning_rate", "greater than 0"),

@@ -1,0 +1,105 @@
+"""Failing and straggling clients: retries, the quorum, per-client timeouts (tiny model, Prefect harness)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import flows.federated as federated
+import tasks.training as training
+from dplora_core.checkpoint import load_checkpoint
+from flows.pipeline import dplora_pipeline
+from tests.helpers import tiny_config
+
+
+def three_clients(tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, **overrides: Any):
+    return tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__num_clients=3, federation__clients_per_round=3,
+        federation__rounds=1, **overrides,
+    )
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production backoff (5 s, 30 s) is right for silos, too slow for tests."""
+    monkeypatch.setattr(federated, "train_client", training.train_client.with_options(retry_delay_seconds=0))
+
+
+def break_client(monkeypatch: pytest.MonkeyPatch, client: int, *, attempts: int | None = None) -> dict[str, int]:
+    """Make `client`'s data unreadable: for its first `attempts` tries, or always (None)."""
+    real, calls = training.client_data, {"n": 0}
+
+    def flaky(cfg, k):  # type: ignore[no-untyped-def]
+        if k == client:
+            calls["n"] += 1
+            if attempts is None or calls["n"] <= attempts:
+                raise OSError(f"silo {client} unreachable")
+        return real(cfg, k)
+
+    monkeypatch.setattr(training, "client_data", flaky)
+    return calls
+
+
+def test_a_failing_client_is_retried(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = break_client(monkeypatch, 1, attempts=1)
+    dplora_pipeline(three_clients(tiny_model_dir, raw_dir, tmp_path))
+    history = json.loads((tmp_path / "outputs" / "tiny" / "training.json").read_text())["history"]
+    assert calls["n"] == 2 and history[0]["failed_clients"] == []
+
+
+def test_round_proceeds_at_the_quorum_naming_the_failed_client(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = break_client(monkeypatch, 1)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
+    metrics = dplora_pipeline(cfg)
+    training_json = json.loads((cfg.run_dir / "training.json").read_text())
+    assert calls["n"] == 3  # the first try and two retries
+    assert training_json["history"][0]["failed_clients"] == [1]
+    ledgers = training_json["privacy"]["ledgers"]
+    assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 0, 1]  # client 1 released nothing
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["dplora.failed_clients.round_1"] == "[1]"
+
+
+def test_below_the_quorum_the_round_fails_and_nothing_is_applied(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    break_client(monkeypatch, 1)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path)  # min_clients None: every client must succeed
+    with pytest.raises(federated.RoundFailed, match=r"round 1: 2 of 3 clients .* quorum of 3 .* client 1 \(.*silo 1"):
+        dplora_pipeline(cfg)
+    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
+    assert checkpoint is not None and checkpoint.round == 0  # the global adapter did not move
+    assert checkpoint.state["pending"]["round"] == 1  # and a resume charges what the others released
+    assert not (cfg.run_dir / "adapter.safetensors").exists()
+
+
+def test_a_straggler_is_cut_by_the_per_client_timeout(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(federated, "train_client", training.train_client.with_options(retries=0))
+    real = training.client_data
+
+    def straggler(cfg, k):  # type: ignore[no-untyped-def]
+        if k == 2:
+            for _ in range(1200):  # 60 s, in interruptible slices
+                time.sleep(0.05)
+        return real(cfg, k)
+
+    monkeypatch.setattr(training, "client_data", straggler)
+    cfg = three_clients(
+        tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2, federation__client_timeout_seconds=3.0
+    )
+    start = time.monotonic()
+    dplora_pipeline(cfg)
+    assert time.monotonic() - start < 45
+    history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
+    assert history[0]["failed_clients"] == [2]
