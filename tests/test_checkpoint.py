@@ -1,0 +1,40 @@
+"""Round checkpoints: atomic, state last, and strict about what a resume may change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
+
+
+def test_latest_checkpoint_round_trips_and_older_adapters_are_dropped(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, round_num=1, adapter=b"one", state={"ledgers": {"0": 1}})
+    save_checkpoint(tmp_path, round_num=2, adapter=b"two", state={"ledgers": {"0": 2}})
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None
+    assert (checkpoint.round, checkpoint.adapter, checkpoint.state["ledgers"]) == (2, b"two", {"0": 2})
+    assert sorted(p.name for p in tmp_path.glob("adapter-round-*")) == ["adapter-round-0002.safetensors"]
+
+
+def test_a_kill_during_the_next_write_leaves_the_previous_checkpoint_usable(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, round_num=1, adapter=b"one", state={"ledgers": {}})
+    # What a SIGKILL mid-write leaves: the next adapter half written, the next state torn, neither renamed.
+    (tmp_path / "adapter-round-0002.safetensors.tmp").write_bytes(b"tw")
+    (tmp_path / "state.json.tmp").write_text('{"round": 2, "adap')
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None and (checkpoint.round, checkpoint.adapter) == (1, b"one")
+
+
+def test_no_checkpoint_is_none_and_a_corrupt_one_is_named(tmp_path: Path) -> None:
+    assert load_checkpoint(tmp_path) is None
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"state\.json: unreadable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_may_change_rounds_and_tracking_only() -> None:
+    saved = {"federation.rounds": 2, "lora.rank": 4, "tracking.output_dir": "a", "privacy.delta": 1e-5}
+    assert config_changes(saved, saved | {"federation.rounds": 5, "tracking.output_dir": "b"}) == []
+    assert config_changes(saved, saved | {"lora.rank": 8, "privacy.delta": 1e-6}) == ["lora.rank", "privacy.delta"]
