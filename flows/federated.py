@@ -33,6 +33,7 @@ from tasks.training import (
     init_adapter,
     plan_noise,
     sample_round_clients,
+    screen_updates,
     train_client,
 )
 
@@ -231,18 +232,15 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
     """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
-    updates, failed = train_round_clients(cfg, r, clients, global_model, state.plan)
-    for u in updates:
-        expected = events.get(str(u.client_id))
-        if p.mode in ("sample", "paper") and u.dp_run != expected:
-            raise ValueError(f"client {u.client_id}, round {r}: reported DP run {u.dp_run}, planned {expected}")
+    planned = {int(k): run for k, run in events.items() if k != POPULATION}
+    updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, planned)
     if p.mode == "client":
         assert state.plan.server is not None
         new_model, state.clip_norm = aggregate_private(cfg, global_model, updates, state.plan.server, state.clip_norm)
     else:
         new_model = aggregate(cfg, global_model, updates)
     for key, run in events.items():  # spent once the round's release exists (a failed client released nothing)
-        if p.mode == "client" or int(key) not in failed:
+        if p.mode == "client" or int(key) in released:
             state.ledgers[key].record(run)
     val = evaluate(cfg, new_model.adapter, "validation")
     epsilon, _ = spent_epsilon(cfg, state.ledgers)
@@ -276,10 +274,18 @@ class RoundFailed(RuntimeError):
 
 
 def train_round_clients(
-    cfg: ExperimentConfig, r: int, clients: list[int], global_model: GlobalModel, plan: NoisePlan
-) -> tuple[list[ClientUpdate], dict[int, str]]:
-    """Train the round's clients (retries and timeout on the task); (updates, {failed client: why}) if the
-    quorum of federation.min_clients is met, else RoundFailed naming the failed clients."""
+    cfg: ExperimentConfig,
+    r: int,
+    clients: list[int],
+    global_model: GlobalModel,
+    plan: NoisePlan,
+    planned: dict[int, DpSgdRun],
+) -> tuple[list[ClientUpdate], dict[int, str], set[int]]:
+    """Train the round's clients (retries and timeout on the task) and screen their updates.
+
+    Returns (accepted updates, {failed or rejected client: why}, clients that released an update) if
+    the quorum of federation.min_clients is met, else raises RoundFailed naming the failed clients.
+    """
     f = cfg.federation
     trainer = (
         train_client.with_options(timeout_seconds=f.client_timeout_seconds)
@@ -297,6 +303,9 @@ def train_round_clients(
             updates.append(future.result())
         else:
             failed[k] = future.state.message or future.state.type.value
+    released = {u.client_id for u in updates}  # a rejected update was still sent: its release is charged
+    updates, rejected = screen_updates(cfg, global_model, updates, planned)
+    failed |= rejected
     quorum = min(f.min_clients or len(clients), len(clients))
     who = (
         f"{len(failed)} sampled client(s)"  # mode client: who was sampled stays private
@@ -310,7 +319,7 @@ def train_round_clients(
         )
     if failed:
         get_run_logger().warning("round %d proceeds without %s", r, who)
-    return updates, failed
+    return updates, failed, released
 
 
 def participation_is_private(cfg: ExperimentConfig) -> bool:

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dplora_core.adapters import (
+    AdapterError,
     AdapterState,
     adapter_state,
     check_adapter,
@@ -23,7 +24,7 @@ from dplora_core.config import ExperimentConfig
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
-from dplora_core.privacy.accountant import calibrate_noise_multiplier, paper_noise_multiplier
+from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier, paper_noise_multiplier
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
@@ -156,6 +157,28 @@ def _checked_states(
         check_adapter(state, reference, source=f"client {u.client_id} update, round {u.round}")
         states.append(state)
     return current, reference, states
+
+
+def screen_updates(
+    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], planned: dict[int, DpSgdRun]
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """(updates that may be aggregated, {client: why rejected}): wrong keys or shapes, non-finite values,
+    unreadable bytes, or a DP run other than the planned one (modes sample, paper). Rejected updates
+    never reach the global adapter."""
+    reference = upload_state(from_bytes(global_model.adapter, source="global adapter"), freeze_a=cfg.lora.freeze_a)
+    kept: list[ClientUpdate] = []
+    rejected: dict[int, str] = {}
+    for u in updates:
+        source = f"client {u.client_id} update, round {u.round}"
+        try:
+            check_adapter(from_bytes(u.adapter, source=source), reference, source=source)
+            if cfg.privacy.mode in ("sample", "paper") and u.dp_run != planned.get(u.client_id):
+                raise AdapterError(f"{source}: reported DP run {u.dp_run}, planned {planned.get(u.client_id)}")
+        except AdapterError as err:
+            rejected[u.client_id] = f"rejected: {err}"
+        else:
+            kept.append(u)
+    return kept, rejected
 
 
 @task(name="aggregate", cache_policy=NO_CACHE)

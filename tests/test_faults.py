@@ -103,3 +103,31 @@ def test_a_straggler_is_cut_by_the_per_client_timeout(
     assert time.monotonic() - start < 45
     history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
     assert history[0]["failed_clients"] == [2]
+
+
+def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from prefect import task
+
+    from dplora_core.adapters import from_bytes, to_bytes
+
+    @task(name="train-client-poisoned")
+    def poisoned(cfg, round_num, client_id, global_model, noise_multiplier):  # type: ignore[no-untyped-def]
+        update = training.train_client.fn(cfg, round_num, client_id, global_model, noise_multiplier)
+        if client_id != 1:
+            return update
+        state = {k: v * float("nan") for k, v in from_bytes(update.adapter, source="test").items()}
+        return dataclasses.replace(update, adapter=to_bytes(state))
+
+    monkeypatch.setattr(federated, "train_client", poisoned)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
+    dplora_pipeline(cfg)
+    summary = json.loads((cfg.run_dir / "training.json").read_text())
+    assert summary["history"][0]["failed_clients"] == [1]
+    final = from_bytes((cfg.run_dir / "adapter.safetensors").read_bytes(), source="test")
+    assert all(bool(v.isfinite().all()) for v in final.values())
+    ledgers = summary["privacy"]["ledgers"]
+    assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 1, 1]  # client 1 did release: charged
