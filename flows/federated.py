@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
 from dplora_core.config import ExperimentConfig
@@ -167,7 +168,12 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     return state, run
 
 
-@flow(name="federated-finetune")
+# One base model per process and one client trains at a time on it (Workspace.lock), so more threads add no
+# speed, only memory: each thread that runs torch gets its own OpenMP team and allocator arena.
+LOCAL_WORKERS = 2
+
+
+@flow(name="federated-finetune", task_runner=ThreadPoolTaskRunner(max_workers=LOCAL_WORKERS))
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f, p = config, config.federation, config.privacy
