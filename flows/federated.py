@@ -173,7 +173,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
 LOCAL_WORKERS = 2
 
 
-@flow(name="federated-finetune", task_runner=ThreadPoolTaskRunner(max_workers=LOCAL_WORKERS))
+@flow(name="federated-finetune", task_runner=ThreadPoolTaskRunner[Any](max_workers=LOCAL_WORKERS))
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f, p = config, config.federation, config.privacy
