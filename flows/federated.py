@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
 from dplora_core.config import ExperimentConfig
@@ -173,7 +174,10 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
 LOCAL_WORKERS = 2
 
 
-@flow(name="federated-finetune", task_runner=ThreadPoolTaskRunner[Any](max_workers=LOCAL_WORKERS))
+@flow(
+    name="federated-finetune",
+    task_runner=cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=LOCAL_WORKERS)),
+)
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f, p = config, config.federation, config.privacy
