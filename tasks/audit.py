@@ -13,13 +13,13 @@ from dplora_core.batching import Encoded
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import Example
 from dplora_core.model import init_lora_state
-from dplora_core.privacy.accountant import PrivacyLedger, calibrate_noise_multiplier
+from dplora_core.privacy.accountant import PrivacyLedger
 from dplora_core.privacy.canaries import canary_scores
 from dplora_core.privacy.mechanisms import noise_generator
-from dplora_core.train import DpSgdParams, sample_rate, train_local
+from dplora_core.train import DpSgdParams, train_local
 from tasks.data import partition_clients, prepare_data
 from tasks.runtime import label_ids_of, partition_path, split_path, workspace
-from tasks.training import check_delta
+from tasks.training import check_delta, record_noise_multiplier
 
 AUDITED_CLIENT = 0
 AUDIT_KEY = 2**32 - 2  # generator key of the audit's randomness, apart from any round, client or server key
@@ -42,16 +42,9 @@ def ensure_partition(cfg: ExperimentConfig) -> None:
 
 
 def audit_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
-    """sigma of client 0's DP-SGD with n records (canaries included): privacy.noise_multiplier, or calibrated."""
-    p, f = cfg.privacy, cfg.federation
-    check_delta(p.delta, n, f"client {AUDITED_CLIENT} with canaries")
-    if p.noise_multiplier is not None:
-        return p.noise_multiplier
-    assert p.target_epsilon is not None
-    return calibrate_noise_multiplier(
-        target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
-        steps=f.local_steps, rounds=f.rounds, kind=p.accountant,
-    )
+    """sigma of client 0's DP-SGD with n records (canaries included), as `plan_noise` would set it."""
+    check_delta(cfg.privacy.delta, n, f"client {AUDITED_CLIENT} with canaries")
+    return record_noise_multiplier(cfg, n)
 
 
 @task(name="audit-train", task_run_name="audit-train-{label}", cache_policy=NO_CACHE)

@@ -78,14 +78,19 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
     if p.mode == "paper":
         sigma = paper_noise_multiplier(target_epsilon=p.target_epsilon, delta=p.delta)
         return NoisePlan(clients={k: sigma for k in range(len(sizes))})
-    return NoisePlan(
-        clients={
-            k: calibrate_noise_multiplier(
-                target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
-                steps=f.local_steps, rounds=f.rounds, kind=p.accountant,
-            )
-            for k, n in enumerate(sizes)
-        }
+    return NoisePlan(clients={k: record_noise_multiplier(cfg, n) for k, n in enumerate(sizes)})
+
+
+def record_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
+    """Mode sample: sigma of DP-SGD for a client with n records, privacy.noise_multiplier or calibrated so that
+    the planned rounds spend at most privacy.target_epsilon."""
+    p, f = cfg.privacy, cfg.federation
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    assert p.target_epsilon is not None
+    return calibrate_noise_multiplier(
+        target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
+        steps=f.local_steps, rounds=f.rounds, kind=p.accountant,
     )
 
 
