@@ -13,33 +13,21 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import ROOT
+from tests.helpers import tiny_config
 
 SEED = 7
 
 
-def write_config(tiny_model_dir: Path, raw_dir: Path, shared: Path, out: Path) -> Path:
-    cfg = {
-        "name": "kill",
-        "model": {"path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32", "max_seq_len": 96},
-        "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-        "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-3, "noise_seed": SEED},
-        "federation": {
-            "num_clients": 2, "clients_per_round": 2, "rounds": 3, "local_steps": 150,
-            "batch_size": 8, "microbatch_size": 8, "learning_rate": 1e-2,
-        },
-        "data": {
-            "raw_dir": str(raw_dir), "prepared_dir": str(shared / "prepared"),
-            "max_train_examples": 48, "max_validation_examples": 16, "max_test_examples": 16,
-        },
-        "tracking": {
-            "mlflow_uri": f"sqlite:///{out / 'mlflow.db'}", "artifact_dir": str(out / "mlartifacts"),
-            "experiment": "kill", "output_dir": str(out / "outputs"),
-        },
-    }
+def write_config(tiny_model_dir: Path, raw_dir: Path, out: Path) -> tuple[Path, Path]:
+    """(config path, run directory) of a seeded 3-round run whose rounds last long enough to be killed in."""
+    cfg = tiny_config(
+        tiny_model_dir, out, raw_dir, privacy__noise_seed=SEED, federation__rounds=3, federation__local_steps=150,
+        federation__microbatch_size=8,
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path, cfg.run_dir
 
 
 def dplora(cwd: Path, *args: str) -> subprocess.Popen[str]:
@@ -59,11 +47,11 @@ def finish(proc: subprocess.Popen[str]) -> str:
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
 ) -> None:
-    straight = write_config(tiny_model_dir, raw_dir, tmp_path, tmp_path / "straight")
+    straight, straight_dir = write_config(tiny_model_dir, raw_dir, tmp_path / "straight")
     finish(dplora(tmp_path / "straight", "run", str(straight)))
 
-    killed = write_config(tiny_model_dir, raw_dir, tmp_path, tmp_path / "killed")
-    state = tmp_path / "killed" / "outputs" / "kill" / "checkpoint" / "state.json"
+    killed, killed_dir = write_config(tiny_model_dir, raw_dir, tmp_path / "killed")
+    state = killed_dir / "checkpoint" / "state.json"
     proc = dplora(tmp_path / "killed", "run", str(killed))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -76,7 +64,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     assert at_kill["round"] == 1 and at_kill["pending"]["round"] == 2, "the kill did not land inside round 2"
 
     finish(dplora(tmp_path / "killed", "run", str(killed), "--resume"))
-    runs = [tmp_path / d / "outputs" / "kill" for d in ("straight", "killed")]
+    runs = [straight_dir, killed_dir]
     assert (runs[0] / "adapter.safetensors").read_bytes() == (runs[1] / "adapter.safetensors").read_bytes()
     summaries = [json.loads((run / "training.json").read_text()) for run in runs]
     assert summaries[1]["privacy"]["ledgers"] == summaries[0]["privacy"]["ledgers"]  # 3 rounds, each once
