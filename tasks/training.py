@@ -156,12 +156,15 @@ def _checked_states(
     """(current global adapter, its uploaded part, each client's adapter checked against it)."""
     current = from_bytes(global_model.adapter, source="global adapter")
     reference = upload_state(current, freeze_a=cfg.lora.freeze_a)
-    states = []
-    for u in updates:
-        state = from_bytes(u.adapter, source=f"client {u.client_id}")
-        check_adapter(state, reference, source=f"client {u.client_id} update, round {u.round}")
-        states.append(state)
-    return current, reference, states
+    return current, reference, [_checked_update(u, reference) for u in updates]
+
+
+def _checked_update(update: ClientUpdate, reference: AdapterState) -> AdapterState:
+    """The client's adapter, or AdapterError naming the client: unreadable, wrong keys or shapes, non-finite."""
+    source = f"client {update.client_id} update, round {update.round}"
+    state = from_bytes(update.adapter, source=source)
+    check_adapter(state, reference, source=source)
+    return state
 
 
 def screen_updates(
@@ -174,11 +177,13 @@ def screen_updates(
     kept: list[ClientUpdate] = []
     rejected: dict[int, str] = {}
     for u in updates:
-        source = f"client {u.client_id} update, round {u.round}"
         try:
-            check_adapter(from_bytes(u.adapter, source=source), reference, source=source)
+            _checked_update(u, reference)
             if cfg.privacy.mode in ("sample", "paper") and u.dp_run != planned.get(u.client_id):
-                raise AdapterError(f"{source}: reported DP run {u.dp_run}, planned {planned.get(u.client_id)}")
+                raise AdapterError(
+                    f"client {u.client_id} update, round {u.round}: reported DP run {u.dp_run}, "
+                    f"planned {planned.get(u.client_id)}"
+                )
         except AdapterError as err:
             rejected[u.client_id] = f"rejected: {err}"
         else:
