@@ -16,8 +16,10 @@ from typing import Any
 from dplora_core.io import atomic_write
 
 STATE = "state.json"
-# Fields a resumed run may change: more rounds (the budget guard still applies), and where it is tracked.
+# Fields a resumed run may change: more rounds (the budget guard still applies), where it is tracked and
+# where its tasks run.
 RESUMABLE_CHANGES = ("federation.rounds",)
+RESUMABLE_SECTIONS = ("tracking.", "runner.")
 
 
 class CheckpointError(ValueError):
@@ -60,5 +62,5 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [
         k for k in keys
-        if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("tracking.")
+        if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
     ]

@@ -175,6 +175,26 @@ class TrackingConfig(_Strict):
     output_dir: str = "outputs"
 
 
+class RunnerConfig(_Strict):
+    """Where the clients' training tasks run. Changing it never changes a result, so a resumed run may."""
+
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="threads: in the flow's process; dask: prefect-dask; ray: prefect-ray."
+    )
+    address: str | None = Field(
+        None, description="dask/ray: address of an existing scheduler or cluster (None: start a local one)."
+    )
+    workers: int = Field(
+        2, ge=1, description="threads: pool size; local dask/ray: worker processes, one base model in each."
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_a_cluster(self) -> RunnerConfig:
+        if self.address is not None and self.kind == "threads":
+            raise ValueError("runner.address is for runner.kind dask or ray, not threads")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """The single parameter of every flow: one experiment, fully specified."""
 
@@ -186,6 +206,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _microbatch_fits(self) -> ExperimentConfig:

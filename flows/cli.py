@@ -66,9 +66,9 @@ def cmd_partition(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_federate(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
-    from flows.federated import federated_finetune
+    from flows.federated import federate
 
-    summary = federated_finetune(cfg, resume=args.resume)
+    summary = federate(cfg, resume=args.resume)
     if summary["stopped_by_budget_guard"]:
         print(summary["stopped_by_budget_guard"])
     print(summary["privacy"]["guarantee"])
@@ -186,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dplora: {err}", file=sys.stderr)
         return 2
+    if args.command in ("run", "federate"):
+        from flows.runners import RunnerError, check_runner
+
+        try:
+            check_runner(cfg.runner)
+        except RunnerError as err:
+            print(f"dplora: {args.config}: {err}", file=sys.stderr)
+            return 2
     from dplora_core.adapters import AdapterError
     from dplora_core.data import DataError
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
-from dplora_core.config import ExperimentConfig
+from dplora_core.config import ExperimentConfig, RunnerConfig
 from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, describe_guarantee
 from dplora_core.train import sample_rate
+from flows.runners import task_runner
 from flows.tracking import ExperimentRun
 from tasks.runtime import read_partition
 from tasks.training import (
@@ -169,15 +168,15 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     return state, run
 
 
-# One base model per process and one client trains at a time on it (Workspace.lock), so more threads add no
-# speed, only memory: each thread that runs torch gets its own OpenMP team and allocator arena.
-LOCAL_WORKERS = 2
+def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Run `federated_finetune` on the task runner of `config.runner` (threads, Dask or Ray)."""
+    return federated_finetune.with_options(task_runner=task_runner(config.runner))(config, resume=resume)
 
 
-@flow(
-    name="federated-finetune",
-    task_runner=cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=LOCAL_WORKERS)),
-)
+# The default, runner.kind threads: one base model in the flow's process and one client trains at a time on
+# it (Workspace.lock), so more than 2 threads add no speed, only memory (each torch thread gets its own OpenMP
+# team and allocator arena).
+@flow(name="federated-finetune", task_runner=task_runner(RunnerConfig()))
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f, p = config, config.federation, config.privacy

@@ -8,7 +8,7 @@ from prefect import flow
 
 from dplora_core.config import ExperimentConfig
 from flows.evaluate import evaluate_experiment
-from flows.federated import federated_finetune
+from flows.federated import federate
 from tasks.data import partition_clients, prepare_data
 
 
@@ -17,13 +17,14 @@ def dplora_pipeline(config: ExperimentConfig, resume: bool = False) -> dict[str,
     """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
     prepare_data(config)
     partition_clients(config)
-    federated_finetune(config, resume=resume)
+    federate(config, resume=resume)
     return evaluate_experiment(config)
 
 
 @flow(name="dplora-pipeline-from-file")
-def dplora_pipeline_from_file(config_path: str) -> dict[str, Any]:
-    """Deployment entry point: validate the YAML config at `config_path`, then run the pipeline."""
+def dplora_pipeline_from_file(config_path: str, resume: bool = False) -> dict[str, Any]:
+    """Deployment entry point: validate the YAML config at `config_path`, then run the pipeline; `resume`
+    continues from the run's last checkpoint (a fresh start if there is none)."""
     from dplora_core.config import load_config
 
-    return dplora_pipeline(load_config(config_path))
+    return dplora_pipeline(load_config(config_path), resume=resume)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dplora_core.adapters import (
@@ -143,6 +144,7 @@ def train_client(
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
         state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
+    get_run_logger().info("client %d trained round %d in process %d on %s", client_id, round_num, os.getpid(), device)
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
         # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.

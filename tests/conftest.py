@@ -67,3 +67,22 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect server on 127.0.0.1 (its API URL), shared by the tests that need other processes."""
+    from tests.prefect_server import local_prefect_server
+
+    with local_prefect_server(tmp_path_factory.mktemp("prefect-server")) as api_url:
+        yield api_url
+
+
+@pytest.fixture
+def use_prefect_server(prefect_server: str, monkeypatch: pytest.MonkeyPatch):
+    """This test's flows, and the processes it starts, report to the real local server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield prefect_server

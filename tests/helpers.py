@@ -30,5 +30,5 @@ def tiny_config(model_dir: Path, tmp: Path, raw_dir: Path, **overrides: Any) -> 
     }
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
-        cfg[section][key] = value
+        cfg.setdefault(section, {})[key] = value
     return ExperimentConfig.model_validate(cfg)

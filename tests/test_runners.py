@@ -1,0 +1,73 @@
+"""runner.kind: clients train on a local Dask cluster of worker processes, reporting to a real Prefect server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+import flows.runners as runners
+from dplora_core.config import RunnerConfig
+from flows.cli import main
+from flows.pipeline import dplora_pipeline
+from tests.helpers import tiny_config
+
+
+def train_client_pids(since: dt.datetime, expected: int) -> list[int]:
+    """The process ids that train-client task runs logged on the server since `since` (logs arrive in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+
+    query = LogFilter(timestamp=LogFilterTimestamp(after_=since))
+    pids: list[int] = []
+    for _ in range(30):
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(query, limit=200, offset=0)
+        pids = [int(m.group(1)) for log in logs if (m := re.search(r"trained round \d+ in process (\d+)", log.message))]
+        if len(pids) >= expected:
+            break
+        time.sleep(1)
+    return pids
+
+
+def test_a_round_on_a_local_dask_cluster_of_two_processes_matches_the_threads_run(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, use_prefect_server: str
+) -> None:
+    common = {"federation__rounds": 1, "privacy__noise_seed": 11}
+    threads = tiny_config(tiny_model_dir, tmp_path / "threads", raw_dir, **common)
+    dask = tiny_config(
+        tiny_model_dir, tmp_path / "dask", raw_dir, runner__kind="dask", runner__workers=2, **common
+    )
+    dplora_pipeline(threads)
+    since = dt.datetime.now(dt.UTC)
+    dplora_pipeline(dask)
+    pids = train_client_pids(since, expected=2)
+    assert len(pids) == 2 and os.getpid() not in pids  # both clients trained outside the flow's process
+    assert (dask.run_dir / "adapter.safetensors").read_bytes() == (threads.run_dir / "adapter.safetensors").read_bytes()
+
+
+def test_dask_without_a_prefect_server_is_refused_before_any_work(tiny_model_dir, raw_dir, tmp_path, capsys) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, runner__kind="dask")
+    path = tmp_path / "dask.yaml"
+    path.write_text(cfg.model_dump_json())  # JSON is YAML
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "runner.kind 'dask'" in err and "PREFECT_API_URL" in err
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_a_runner_whose_package_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runners.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(runners.RunnerError, match=r"runner.kind 'ray' needs prefect_ray: pip install 'dplora\[ray\]'"):
+        runners.check_runner(RunnerConfig(kind="ray"))
+
+
+def test_an_address_needs_a_cluster_runner() -> None:
+    with pytest.raises(ValueError, match=r"runner\.address is for runner\.kind dask or ray"):
+        RunnerConfig(address="tcp://127.0.0.1:8786")
