@@ -101,6 +101,16 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class SiloConfig(_Strict):
+    """One organisation in cross-silo mode. Its own worker serves the deployment `client-train/<name>`
+    next to its data; the coordinator never sees that data, only the adapter the silo sends back."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Its deployment is client-train/<name>.")
+    num_examples: int = Field(
+        ge=1, description="Its training record count, declared and public (as in DP-SGD); the silo checks it."
+    )
+
+
 class FederationConfig(_Strict):
     """Clients, rounds and local optimisation."""
 
@@ -124,6 +134,12 @@ class FederationConfig(_Strict):
     client_timeout_seconds: float | None = Field(
         None, gt=0, description="Per-client limit on one round's local training, stragglers fail (None: no limit)."
     )
+    silos: tuple[SiloConfig, ...] | None = Field(
+        None, description="Cross-silo: one organisation per client id, in order (None: simulate the clients here)."
+    )
+    exchange_dir: str | None = Field(
+        None, description="Cross-silo: folder both sides reach (a shared mount) where the adapters cross."
+    )
 
     @model_validator(mode="after")
     def _clients_per_round_fit(self) -> FederationConfig:
@@ -137,6 +153,23 @@ class FederationConfig(_Strict):
                 f"federation.min_clients ({self.min_clients}) must be <= "
                 f"federation.clients_per_round ({self.clients_per_round})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _silos_are_the_clients(self) -> FederationConfig:
+        if self.silos is None:
+            if self.exchange_dir is not None:
+                raise ValueError("federation.exchange_dir is for cross-silo runs: set federation.silos too")
+            return self
+        if len(self.silos) != self.num_clients:
+            raise ValueError(
+                f"federation.silos has {len(self.silos)} entries, federation.num_clients is {self.num_clients}"
+            )
+        names = [s.name for s in self.silos]
+        if len(set(names)) != len(names):
+            raise ValueError(f"federation.silos: names must be unique, got {names}")
+        if self.exchange_dir is None:
+            raise ValueError("federation.silos needs federation.exchange_dir, where the adapters cross")
         return self
 
 

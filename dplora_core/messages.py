@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict
+
+from dplora_core.config import ExperimentConfig
 from dplora_core.privacy.accountant import DpSgdRun
 
 
@@ -25,3 +28,15 @@ class ClientUpdate:
     adapter: bytes  # safetensors; already noised when DP is on
     train_loss: float | None  # only without DP: a raw loss is not covered by the DP guarantee
     dp_run: DpSgdRun | None  # None in mode 'none'
+
+
+class TrainRequest(BaseModel):
+    """Coordinator -> silo (cross-silo mode): the parameters of one run of the silo's client-train deployment.
+    The global adapter itself waits in the exchange folder; the silo's data path is the silo's own parameter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: ExperimentConfig
+    round: int
+    client_id: int
+    noise_multiplier: float | None

@@ -65,6 +65,17 @@ def cmd_partition(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         print(f"client {k}: {sum(hist.values())} examples {hist}")
 
 
+def cmd_split_silos(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from tasks.data import partition_clients, prepare_data, write_silo_data
+
+    prepare_data.fn(cfg)
+    partition_clients.fn(cfg)
+    print("federation:\n  silos:  # for a cross-silo config; each silo deploys flows/silo.py:client_train")
+    for k, path in enumerate(write_silo_data(cfg, args.out)):
+        n = sum(1 for _ in path.open(encoding="utf-8"))
+        print(f"    - {{name: client-{k}, num_examples: {n}}}  # data_path={path}")
+
+
 def cmd_federate(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     from flows.federated import federate
 
@@ -116,6 +127,7 @@ COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None]
     "convert-model": (cmd_convert_model, "convert the GGUF model once to a safetensors checkpoint"),
     "prepare": (cmd_prepare, "write the train/validation/test splits"),
     "partition": (cmd_partition, "split the training records over the clients"),
+    "split-silos": (cmd_split_silos, "each client's shard as a silo's own train.jsonl, to try cross-silo here"),
     "federate": (cmd_federate, "run the federated DP-LoRA training flow"),
     "evaluate": (cmd_evaluate, "evaluate zero-shot and final adapter on the test split; print the table"),
     "show": (cmd_show, "print the results table of a finished experiment"),
@@ -174,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="continue from the run's last checkpoint (config unchanged except federation.rounds); "
                 "the budget guard still applies",
             )
+        if name == "split-silos":
+            p.add_argument("--out", type=Path, required=True, help="folder for one sub-folder per silo")
         if name == "audit":
             p.add_argument("--canaries", type=positive_int, default=64, help="canaries planted (and as many held out)")
     return parser

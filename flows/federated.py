@@ -23,7 +23,8 @@ from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, 
 from dplora_core.train import sample_rate
 from flows.runners import task_runner
 from flows.tracking import ExperimentRun
-from tasks.runtime import read_partition
+from tasks.runtime import client_sizes
+from tasks.silos import publish_global, train_remote
 from tasks.training import (
     NoisePlan,
     aggregate,
@@ -108,7 +109,7 @@ def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -
     if p.mode == "client":
         assert plan.server is not None
         return {POPULATION: DpSgdRun(client_sample_rate(cfg), plan.server, 1)}
-    sizes = [len(shard) for shard in read_partition(cfg)]
+    sizes = client_sizes(cfg)
     return {str(k): DpSgdRun(sample_rate(f.batch_size, sizes[k]), plan.clients[k], f.local_steps) for k in clients}
 
 
@@ -296,11 +297,12 @@ def train_round_clients(
     the quorum of federation.min_clients is met, else raises RoundFailed naming the failed clients.
     """
     f = cfg.federation
-    trainer = (
-        train_client.with_options(timeout_seconds=f.client_timeout_seconds)
-        if f.client_timeout_seconds
-        else train_client
-    )
+    trainer = train_client
+    if f.silos is not None:  # cross-silo: each client is another organisation's deployment
+        publish_global(cfg, r, global_model)
+        trainer = train_remote
+    if f.client_timeout_seconds:
+        trainer = trainer.with_options(timeout_seconds=f.client_timeout_seconds)
     futures = trainer.map(
         unmapped(cfg), unmapped(r), clients, unmapped(global_model), [plan.clients.get(k) for k in clients]
     )

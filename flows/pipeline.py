@@ -16,7 +16,8 @@ from tasks.data import partition_clients, prepare_data
 def dplora_pipeline(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
     prepare_data(config)
-    partition_clients(config)
+    if config.federation.silos is None:  # cross-silo: the silos hold the training records, not this machine
+        partition_clients(config)
     federate(config, resume=resume)
     return evaluate_experiment(config)
 

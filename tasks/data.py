@@ -20,7 +20,7 @@ from dplora_core.data import (
     write_jsonl,
 )
 from dplora_core.io import atomic_write
-from tasks.runtime import partition_path, split_examples, split_path
+from tasks.runtime import partition_path, read_partition, split_examples, split_path
 
 SOURCES = Path(__file__).resolve().parent.parent / "data" / "sources.json"
 
@@ -75,3 +75,16 @@ def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
     hist = [label_histogram([train[i] for i in s], labels) for s in shards]
     atomic_write(partition_path(cfg), json.dumps({"clients": shards, "label_histograms": hist}).encode())
     return hist
+
+
+def write_silo_data(cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
+    """Simulation aid for cross-silo mode: each client's shard of the partition as a silo's own file,
+    out_dir/<client k>/train.jsonl. Real silos bring their own data in this JSONL format instead."""
+    train = split_examples(cfg.data, "train")
+    shards = read_partition(cfg)
+    paths = []
+    for k, shard in enumerate(shards):
+        path = out_dir / f"client-{k}" / "train.jsonl"
+        write_jsonl(path, [train[i] for i in shard])
+        paths.append(path)
+    return paths

@@ -66,6 +66,28 @@ def read_partition(cfg: ExperimentConfig) -> list[list[int]]:
     return shards
 
 
+def client_sizes(cfg: ExperimentConfig) -> list[int]:
+    """Each client's record count: as the silos declare it (cross-silo), or of this machine's partition."""
+    if cfg.federation.silos is not None:
+        return [silo.num_examples for silo in cfg.federation.silos]
+    return [len(shard) for shard in read_partition(cfg)]
+
+
+@functools.cache
+def silo_data(cfg: ExperimentConfig, client_id: int, data_path: str) -> tuple[Encoded, ...]:
+    """Cross-silo, inside silo `client_id`: its own training records (JSONL of text and label), tokenised."""
+    assert cfg.federation.silos is not None
+    silo = cfg.federation.silos[client_id]
+    examples = read_jsonl(Path(data_path), labels=TASKS[cfg.data.dataset].labels)
+    if len(examples) != silo.num_examples:
+        raise DataError(
+            f"{data_path}: silo {silo.name} (client {client_id}) holds {len(examples)} records, but "
+            f"federation.silos declares num_examples {silo.num_examples}: the accountant's sampling rate would be wrong"
+        )
+    ws = workspace(cfg.model, cfg.lora)
+    return tuple(encode(e, task_of(cfg), ws.tokenizer, max_len=cfg.model.max_seq_len) for e in examples)
+
+
 @functools.cache
 def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     """Client `client_id`'s training records, tokenised (prompt + answer)."""

@@ -21,6 +21,7 @@ from dplora_core.adapters import (
     to_bytes,
     upload_state,
 )
+from dplora_core.batching import Encoded
 from dplora_core.config import ExperimentConfig
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
@@ -30,7 +31,7 @@ from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
 from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
-from tasks.runtime import client_data, eval_prompts, label_ids_of, read_partition, workspace
+from tasks.runtime import client_data, client_sizes, eval_prompts, label_ids_of, silo_data, workspace
 
 # A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
 MAX_DELTA_TIMES_N = 0.1
@@ -70,7 +71,7 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
         if p.adaptive_clipping:
             update_noise_multiplier(z, count_stddev(cfg))  # refuses a count noise the budget cannot pay for
         return NoisePlan(server=z)
-    sizes = [len(s) for s in read_partition(cfg)]
+    sizes = client_sizes(cfg)
     for k, n in enumerate(sizes):
         check_delta(p.delta, n, f"client {k}")
     if p.noise_multiplier is not None:
@@ -120,9 +121,25 @@ def init_adapter(cfg: ExperimentConfig) -> GlobalModel:
 def train_client(
     cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None
 ) -> ClientUpdate:
-    """Local training of the global adapter on one client's records, with the mode's client-side mechanism."""
+    """Local training of the global adapter on one simulated client's records (its shard of the partition)."""
+    return local_update(cfg, round_num, client_id, global_model, noise_multiplier, client_data(cfg, client_id))
+
+
+@task(name="train-silo", task_run_name="train-silo-{client_id}-round-{round_num}", cache_policy=NO_CACHE)
+def train_silo(
+    cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None,
+    data_path: str,
+) -> ClientUpdate:
+    """Cross-silo: local training of the global adapter on this silo's own records, inside the silo."""
+    return local_update(cfg, round_num, client_id, global_model, noise_multiplier, silo_data(cfg, client_id, data_path))
+
+
+def local_update(
+    cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None,
+    data: Sequence[Encoded],
+) -> ClientUpdate:
+    """Train the global adapter on `data` with the mode's client-side mechanism; the update to send back."""
     ws = workspace(cfg.model, cfg.lora)
-    data = client_data(cfg, client_id)
     f, p = cfg.federation, cfg.privacy
     device = next(ws.model.parameters()).device
     dp: DpSgdParams | PaperDpParams | None = None

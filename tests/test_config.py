@@ -38,6 +38,23 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"data": {"dataset": "imdb"}}, "data.dataset", "financial_phrasebank"),
         ({"federation": {"batch_size": 8, "microbatch_size": 16}}, "microbatch_size (16) must be <=", ""),
         ({"data": {"prompt_template": "Sentiment:"}}, "data.prompt_template", "{text}"),
+        ({"runner": {"kind": "spark"}}, "runner.kind", "Input should be"),
+        ({"runner": {"address": "tcp://127.0.0.1:8786"}}, "runner", "runner.address is for runner.kind dask or ray"),
+        (
+            {"federation": {"num_clients": 2, "clients_per_round": 2, "exchange_dir": "x",
+                            "silos": [{"name": "a", "num_examples": 9}]}},
+            "federation", "federation.silos has 1 entries, federation.num_clients is 2",
+        ),
+        (
+            {"federation": {"num_clients": 1, "clients_per_round": 1, "silos": [{"name": "a", "num_examples": 9}]}},
+            "federation", "needs federation.exchange_dir",
+        ),
+        (
+            {"federation": {"num_clients": 2, "clients_per_round": 2, "exchange_dir": "x",
+                            "silos": [{"name": "a", "num_examples": 9}, {"name": "a", "num_examples": 5}]}},
+            "federation", "names must be unique",
+        ),
+        ({"federation": {"exchange_dir": "x"}}, "federation", "exchange_dir is for cross-silo runs"),
     ],
 )
 def test_bad_config_names_field_and_reason(tmp_path: Path, tree: dict, field: str, reason: str) -> None:

@@ -1,0 +1,77 @@
+"""Cross-silo mode: the exchange folder where adapters cross between the coordinator and the silos.
+
+Per round, the coordinator writes the global adapter once; each silo reads it and writes back its update:
+the adapter (safetensors, never pickle) and a small JSON record of what it is (client, round, record
+count, DP run, the silo's flow run id, the adapter's sha256). These files are all that crosses besides the
+deployment parameters (the experiment config, the round, the noise multiplier); no record ever does.
+
+    <exchange_dir>/<experiment>/round-0003/global.safetensors
+    <exchange_dir>/<experiment>/round-0003/client-1.safetensors, client-1.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from dplora_core.adapters import AdapterError
+from dplora_core.config import ExperimentConfig
+from dplora_core.io import atomic_write
+from dplora_core.messages import ClientUpdate, GlobalModel
+from dplora_core.privacy.accountant import DpSgdRun
+
+
+def round_dir(cfg: ExperimentConfig, round_num: int) -> Path:
+    assert cfg.federation.exchange_dir is not None
+    return Path(cfg.federation.exchange_dir) / cfg.name / f"round-{round_num:04d}"
+
+
+def write_global(directory: Path, model: GlobalModel) -> Path:
+    """The adapter every silo of the round starts from (the model after round `model.round`)."""
+    path = directory / "global.safetensors"
+    atomic_write(path, model.adapter)
+    return path
+
+
+def read_global(directory: Path, round_num: int) -> GlobalModel:
+    path = directory / "global.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the coordinator's global adapter for round {round_num} is not there")
+    return GlobalModel(round=round_num - 1, adapter=path.read_bytes())
+
+
+def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
+    """The silo's update: adapter first, then the record that names it (a reader never sees a half)."""
+    adapter = directory / f"client-{update.client_id}.safetensors"
+    atomic_write(adapter, update.adapter)
+    record = {
+        "client_id": update.client_id, "round": update.round, "num_examples": update.num_examples,
+        "train_loss": update.train_loss, "dp_run": asdict(update.dp_run) if update.dp_run else None,
+        "sender": sender, "sha256": hashlib.sha256(update.adapter).hexdigest(),
+    }
+    atomic_write(directory / f"client-{update.client_id}.json", json.dumps(record).encode())
+    return adapter
+
+
+def read_update(directory: Path, client_id: int, round_num: int, *, sender: str) -> ClientUpdate:
+    """Client `client_id`'s update of `round_num`, written by the silo run `sender`, or AdapterError naming it."""
+    record_path = directory / f"client-{client_id}.json"
+    who = f"client {client_id} update, round {round_num} ({record_path})"
+    try:
+        record = json.loads(record_path.read_text())
+        adapter = (directory / f"client-{client_id}.safetensors").read_bytes()
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{who}: unreadable: {err}") from err
+    if record.get("sender") != sender:
+        raise AdapterError(f"{who}: written by silo run {record.get('sender')}, not by {sender} (stale?)")
+    if (record.get("client_id"), record.get("round")) != (client_id, round_num):
+        raise AdapterError(f"{who}: says client {record.get('client_id')}, round {record.get('round')}")
+    if hashlib.sha256(adapter).hexdigest() != record.get("sha256"):
+        raise AdapterError(f"{who}: the adapter's sha256 differs from the one its record names")
+    dp_run = record["dp_run"]
+    return ClientUpdate(
+        client_id=client_id, round=round_num, num_examples=int(record["num_examples"]), adapter=adapter,
+        train_loss=record["train_loss"], dp_run=DpSgdRun(**dp_run) if dp_run else None,
+    )

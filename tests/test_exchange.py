@@ -1,0 +1,80 @@
+"""Cross-silo exchange folder and silo data: what the coordinator accepts back, what a silo refuses to train on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dplora_core import exchange
+from dplora_core.adapters import AdapterError, to_bytes
+from dplora_core.data import DataError, Example, write_jsonl
+from dplora_core.messages import ClientUpdate, GlobalModel
+from dplora_core.privacy.accountant import DpSgdRun
+from tasks.runtime import silo_data
+from tests.helpers import tiny_config
+
+SILOS = [{"name": "bank-a", "num_examples": 3}, {"name": "bank-b", "num_examples": 4}]
+
+
+def an_update(client_id: int = 1, round_num: int = 2) -> ClientUpdate:
+    adapter = to_bytes({"layer.lora_B.weight": torch.ones(2, 3)})
+    return ClientUpdate(client_id, round_num, 4, adapter, None, DpSgdRun(0.25, 1.3, 5))
+
+
+def test_an_update_round_trips_through_the_exchange_folder(tmp_path: Path) -> None:
+    update = an_update()
+    exchange.write_update(tmp_path, update, sender="run-1")
+    assert exchange.read_update(tmp_path, 1, 2, sender="run-1") == update
+
+
+def test_the_global_adapter_round_trips(tmp_path: Path) -> None:
+    exchange.write_global(tmp_path, GlobalModel(round=2, adapter=b"adapter"))
+    assert exchange.read_global(tmp_path, 3) == GlobalModel(round=2, adapter=b"adapter")
+
+
+def test_an_update_from_another_silo_run_is_refused_as_stale(tmp_path: Path) -> None:
+    exchange.write_update(tmp_path, an_update(), sender="earlier-run")
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*earlier-run, not by run-2"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-2")
+
+
+def test_an_adapter_changed_after_its_record_is_refused(tmp_path: Path) -> None:
+    path = exchange.write_update(tmp_path, an_update(), sender="run-1")
+    path.write_bytes(to_bytes({"layer.lora_B.weight": torch.zeros(2, 3)}))
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*sha256"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-1")
+
+
+def test_an_update_recorded_for_another_round_is_refused(tmp_path: Path) -> None:
+    exchange.write_update(tmp_path, an_update(round_num=1), sender="run-1")
+    with pytest.raises(AdapterError, match="says client 1, round 1"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-1")
+
+
+def test_a_missing_update_names_the_client(tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match=r"client 0 update, round 1 .*unreadable"):
+        exchange.read_update(tmp_path, 0, 1, sender="run-1")
+
+
+def test_a_silo_refuses_data_that_differs_from_its_declared_size(tiny_model_dir, raw_dir, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__silos=SILOS, federation__exchange_dir=str(tmp_path / "x")
+    )
+    path = tmp_path / "bank-b.jsonl"
+    write_jsonl(path, [Example(id=f"r{i}", text="profit rose", label="positive") for i in range(5)])
+    with pytest.raises(DataError, match=r"bank-b.jsonl: silo bank-b \(client 1\) holds 5 records, .* declares .* 4"):
+        silo_data(cfg, 1, str(path))
+
+
+def test_a_silo_names_the_line_of_an_unknown_label(tiny_model_dir, raw_dir, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__silos=SILOS, federation__exchange_dir=str(tmp_path / "x")
+    )
+    path = tmp_path / "bank-a.jsonl"
+    labels = ("positive", "bullish", "neutral")
+    path.write_text("".join(json.dumps({"id": str(i), "text": "t", "label": b}) + "\n" for i, b in enumerate(labels)))
+    with pytest.raises(DataError, match=r"bank-a.jsonl, line 2: unknown label 'bullish'"):
+        silo_data(cfg, 0, str(path))
