@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint ui run clean
+.PHONY: demo test lint ui server run clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ test: $(VENV)/.installed
 ## ui: the MLflow UI on this project's store, at http://127.0.0.1:5000
 ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+## server: a Prefect server on 127.0.0.1:4200 with its state in .prefect/ (for Dask/Ray runners, deployments)
+server: $(VENV)/.installed
+	prefect server start --host 127.0.0.1 --port 4200
 
 clean:
 	rm -rf outputs mlflow.db mlartifacts .prefect data/prepared

@@ -5,8 +5,12 @@ the adapter (safetensors, never pickle) and a small JSON record of what it is (c
 count, DP run, the silo's flow run id, the adapter's sha256). These files are all that crosses besides the
 deployment parameters (the experiment config, the round, the noise multiplier); no record ever does.
 
-    <exchange_dir>/<experiment>/round-0003/global.safetensors
-    <exchange_dir>/<experiment>/round-0003/client-1.safetensors, client-1.json
+A round's folder is named by the round and a hash of the config and the global adapter, so a retried or
+resumed round finds the update its silo already released for exactly that input, and the silo sends that
+one again instead of a second, fresh release (`existing_update`).
+
+    <exchange_dir>/<experiment>/round-0003-<16 hex>/global.safetensors
+    <exchange_dir>/<experiment>/round-0003-<16 hex>/client-1.safetensors, client-1.json
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun
 
 
-def round_dir(cfg: ExperimentConfig, round_num: int) -> Path:
+def round_dir(cfg: ExperimentConfig, global_model: GlobalModel) -> Path:
+    """The folder of the round that starts from `global_model` under this config."""
     assert cfg.federation.exchange_dir is not None
-    return Path(cfg.federation.exchange_dir) / cfg.name / f"round-{round_num:04d}"
+    key = hashlib.sha256(cfg.model_dump_json().encode() + global_model.adapter).hexdigest()[:16]
+    return Path(cfg.federation.exchange_dir) / cfg.name / f"round-{global_model.round + 1:04d}-{key}"
 
 
 def write_global(directory: Path, model: GlobalModel) -> Path:
@@ -53,6 +59,14 @@ def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
     }
     atomic_write(directory / f"client-{update.client_id}.json", json.dumps(record).encode())
     return adapter
+
+
+def existing_update(directory: Path, client_id: int, round_num: int) -> ClientUpdate | None:
+    """The update a silo already released in this folder (a retry or a resumed round), or None."""
+    record_path = directory / f"client-{client_id}.json"
+    if not record_path.is_file():
+        return None
+    return read_update(directory, client_id, round_num, sender=json.loads(record_path.read_text()).get("sender"))
 
 
 def read_update(directory: Path, client_id: int, round_num: int, *, sender: str) -> ClientUpdate:

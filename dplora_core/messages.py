@@ -32,7 +32,8 @@ class ClientUpdate:
 
 class TrainRequest(BaseModel):
     """Coordinator -> silo (cross-silo mode): the parameters of one run of the silo's client-train deployment.
-    The global adapter itself waits in the exchange folder; the silo's data path is the silo's own parameter."""
+    The global adapter itself waits in `folder`, the round's exchange folder; the silo's data path is the
+    silo's own parameter."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,3 +41,4 @@ class TrainRequest(BaseModel):
     round: int
     client_id: int
     noise_multiplier: float | None
+    folder: str

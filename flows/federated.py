@@ -299,7 +299,7 @@ def train_round_clients(
     f = cfg.federation
     trainer = train_client
     if f.silos is not None:  # cross-silo: each client is another organisation's deployment
-        publish_global(cfg, r, global_model)
+        publish_global(cfg, global_model)
         trainer = train_remote
     if f.client_timeout_seconds:
         trainer = trainer.with_options(timeout_seconds=f.client_timeout_seconds)
@@ -315,6 +315,8 @@ def train_round_clients(
         else:
             failed[k] = future.state.message or future.state.type.value
     released = {u.client_id for u in updates}  # a rejected update was still sent: its release is charged
+    if f.silos is not None:  # a silo may have written its update and failed after: charge every silo started
+        released = set(clients)
     updates, rejected = screen_updates(cfg, global_model, updates, planned)
     failed |= rejected
     quorum = min(f.min_clients or len(clients), len(clients))

@@ -8,9 +8,10 @@ noised by the configured mechanism before it leaves the silo.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from dplora_core import exchange
@@ -21,9 +22,14 @@ from tasks.training import train_silo
 @flow(name="client-train")
 def client_train(request: TrainRequest, data_path: str) -> dict[str, Any]:
     """One round of one silo: global adapter in, (noised) adapter update out, both through the exchange folder."""
-    cfg = request.config
-    directory = exchange.round_dir(cfg, request.round)
-    global_model = exchange.read_global(directory, request.round)
-    update = train_silo(cfg, request.round, request.client_id, global_model, request.noise_multiplier, data_path)
+    cfg, r, k, directory = request.config, request.round, request.client_id, Path(request.folder)
+    global_model = exchange.read_global(directory, r)
+    if exchange.round_dir(cfg, global_model) != directory:
+        raise ValueError(f"{directory}: holds a global adapter of another config or round than round {r} of {cfg.name}")
+    update = exchange.existing_update(directory, k, r)
+    if update is None:
+        update = train_silo(cfg, r, k, global_model, request.noise_multiplier, data_path)
+    else:  # the same round from the same adapter: send the same release again, never a second one
+        get_run_logger().info("client %d, round %d: re-sending the update already released for this input", k, r)
     path = exchange.write_update(directory, update, sender=str(flow_run.id))
     return {"client_id": update.client_id, "round": update.round, "update": str(path), "bytes": len(update.adapter)}

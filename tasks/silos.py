@@ -16,20 +16,20 @@ from dplora_core.messages import ClientUpdate, GlobalModel, TrainRequest
 SILO_FLOW = "client-train"  # flows/silo.py; each silo deploys it under its own name
 
 
-@task(
-    name="train-remote",
-    task_run_name="train-client-{client_id}-round-{round_num}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    cache_policy=NO_CACHE,
-)
+# No retries: a silo whose run fails may already have written its update (a release of its records), and a
+# retry would train again, a second release. So every started silo is charged once and a failed one counts
+# against the quorum; a resumed round finds a completed update and sends it again (flows/silo.py).
+@task(name="train-remote", task_run_name="train-client-{client_id}-round-{round_num}", cache_policy=NO_CACHE)
 def train_remote(
     cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None
 ) -> ClientUpdate:
     """Run silo `client_id`'s client-train deployment on the round's global adapter; read back its update."""
     assert cfg.federation.silos is not None
     silo = cfg.federation.silos[client_id]
-    request = TrainRequest(config=cfg, round=round_num, client_id=client_id, noise_multiplier=noise_multiplier)
+    folder = exchange.round_dir(cfg, global_model)
+    request = TrainRequest(
+        config=cfg, round=round_num, client_id=client_id, noise_multiplier=noise_multiplier, folder=str(folder)
+    )
     run = cast(
         FlowRun,
         run_deployment(
@@ -40,9 +40,9 @@ def train_remote(
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"silo {silo.name} (client {client_id}), round {round_num}: flow run {run.id} ended {state}")
-    return exchange.read_update(exchange.round_dir(cfg, round_num), client_id, round_num, sender=str(run.id))
+    return exchange.read_update(folder, client_id, round_num, sender=str(run.id))
 
 
-def publish_global(cfg: ExperimentConfig, round_num: int, global_model: GlobalModel) -> None:
+def publish_global(cfg: ExperimentConfig, global_model: GlobalModel) -> None:
     """Put the round's starting adapter where the silos read it."""
-    exchange.write_global(exchange.round_dir(cfg, round_num), global_model)
+    exchange.write_global(exchange.round_dir(cfg, global_model), global_model)

@@ -78,3 +78,26 @@ def test_a_silo_names_the_line_of_an_unknown_label(tiny_model_dir, raw_dir, tmp_
     path.write_text("".join(json.dumps({"id": str(i), "text": "t", "label": b}) + "\n" for i, b in enumerate(labels)))
     with pytest.raises(DataError, match=r"bank-a.jsonl, line 2: unknown label 'bullish'"):
         silo_data(cfg, 0, str(path))
+
+
+def test_a_completed_update_is_found_again_for_the_same_round(tmp_path: Path) -> None:
+    assert exchange.existing_update(tmp_path, 1, 2) is None
+    exchange.write_update(tmp_path, an_update(), sender="run-1")
+    assert exchange.existing_update(tmp_path, 1, 2) == an_update()
+
+
+def test_the_round_folder_changes_with_the_global_adapter_and_the_config(tiny_model_dir, raw_dir, tmp_path) -> None:
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__silos=SILOS, federation__exchange_dir=str(tmp_path / "x")
+    )
+    other_cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__silos=SILOS, federation__exchange_dir=str(tmp_path / "x"),
+        federation__learning_rate=0.5,
+    )
+    model = GlobalModel(round=2, adapter=b"a")
+    folders = {
+        exchange.round_dir(cfg, model), exchange.round_dir(cfg, GlobalModel(round=2, adapter=b"b")),
+        exchange.round_dir(other_cfg, model),
+    }
+    assert len(folders) == 3 and all(f.name.startswith("round-0003-") for f in folders)
+    assert exchange.round_dir(cfg, model) == exchange.round_dir(cfg, GlobalModel(round=2, adapter=b"a"))

@@ -131,3 +131,44 @@ def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
     assert all(bool(v.isfinite().all()) for v in final.values())
     ledgers = summary["privacy"]["ledgers"]
     assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 1, 1]  # client 1 did release: charged
+
+
+def test_a_failed_silo_is_named_and_still_charged(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross-silo: a silo's failed run may have written its update, so it is charged like a released one."""
+    from types import SimpleNamespace
+
+    from prefect.states import Completed, Crashed
+
+    import tasks.silos as silos
+    from dplora_core import exchange
+    from dplora_core.data import write_jsonl
+    from dplora_core.messages import TrainRequest
+    from tasks.runtime import silo_data, split_examples
+
+    def fake_run_deployment(name, parameters, **kwargs):  # type: ignore[no-untyped-def]
+        request = TrainRequest.model_validate(parameters["request"])
+        if name == "client-train/bank-b":
+            return SimpleNamespace(id="run-b", state=Crashed(message="silo machine lost power"))
+        cfg, folder = request.config, Path(request.folder)
+        data_path = tmp_path / "bank-a.jsonl"
+        write_jsonl(data_path, split_examples(cfg.data, "train")[:24])
+        update = training.local_update(
+            cfg, request.round, request.client_id, exchange.read_global(folder, request.round),
+            request.noise_multiplier, silo_data(cfg, request.client_id, str(data_path)),
+        )
+        exchange.write_update(folder, update, sender="run-a")
+        return SimpleNamespace(id="run-a", state=Completed())
+
+    monkeypatch.setattr(silos, "run_deployment", fake_run_deployment)
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, federation__rounds=1, federation__min_clients=1,
+        federation__silos=[{"name": "bank-a", "num_examples": 24}, {"name": "bank-b", "num_examples": 24}],
+        federation__exchange_dir=str(tmp_path / "exchange"),
+    )
+    dplora_pipeline(cfg)
+    summary = json.loads((cfg.run_dir / "training.json").read_text())
+    assert summary["history"][0]["failed_clients"] == [1]
+    ledgers = summary["privacy"]["ledgers"]
+    assert [len(ledgers[k]["runs"]) for k in ("0", "1")] == [1, 1]

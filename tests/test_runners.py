@@ -51,6 +51,22 @@ def test_a_round_on_a_local_dask_cluster_of_two_processes_matches_the_threads_ru
     assert (dask.run_dir / "adapter.safetensors").read_bytes() == (threads.run_dir / "adapter.safetensors").read_bytes()
 
 
+def test_a_round_on_a_local_ray_cluster_of_two_processes_matches_the_threads_run(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, use_prefect_server: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    common = {"federation__rounds": 1, "privacy__noise_seed": 11}
+    threads = tiny_config(tiny_model_dir, tmp_path / "threads", raw_dir, **common)
+    ray = tiny_config(tiny_model_dir, tmp_path / "ray", raw_dir, runner__kind="ray", runner__workers=2, **common)
+    dplora_pipeline(threads)
+    capfd.readouterr()
+    dplora_pipeline(ray)
+    # Ray forwards its workers' output to the driver, prefixed "(train-client pid=N)".
+    out = "".join(capfd.readouterr())
+    pids = {int(pid) for pid in re.findall(r"\(train-client pid=(\d+)\).*trained round 1 in process \1", out)}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert (ray.run_dir / "adapter.safetensors").read_bytes() == (threads.run_dir / "adapter.safetensors").read_bytes()
+
+
 def test_dask_without_a_prefect_server_is_refused_before_any_work(tiny_model_dir, raw_dir, tmp_path, capsys) -> None:
     cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, runner__kind="dask")
     path = tmp_path / "dask.yaml"
