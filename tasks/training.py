@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from dplora_core.adapters import (
     AdapterError,
@@ -161,12 +163,20 @@ def local_update(
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
         state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
-    get_run_logger().info("client %d trained round %d in process %d on %s", client_id, round_num, os.getpid(), device)
+    run_logger().info("client %d trained round %d in process %d on %s", client_id, round_num, os.getpid(), device)
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
         # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.
         train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run,
     )
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The task run's logger (its lines reach the Prefect API), or a plain one outside a run (`.fn` calls)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("dplora")
 
 
 def _checked_states(

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import tasks.data  # noqa: F401  (imports Prefect, whose log handlers bind sys.stderr, before capsys replaces it)
 from dplora_core import exchange
 from dplora_core.adapters import AdapterError, to_bytes
 from dplora_core.data import DataError, Example, write_jsonl
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun
+from flows.cli import main
 from tasks.runtime import silo_data
 from tests.helpers import tiny_config
 
@@ -101,3 +104,15 @@ def test_the_round_folder_changes_with_the_global_adapter_and_the_config(tiny_mo
     }
     assert len(folders) == 3 and all(f.name.startswith("round-0003-") for f in folders)
     assert exchange.round_dir(cfg, model) == exchange.round_dir(cfg, GlobalModel(round=2, adapter=b"a"))
+
+
+def test_split_silos_writes_each_clients_records_as_its_own_file(tiny_model_dir, raw_dir, tmp_path, capsys) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    path = tmp_path / "sim.yaml"
+    path.write_text(cfg.model_dump_json())
+    assert main(["split-silos", str(path), "--out", str(tmp_path / "silos")]) == 0
+    files = [tmp_path / "silos" / f"client-{k}" / "train.jsonl" for k in range(2)]
+    ids = [[json.loads(line)["id"] for line in f.read_text().splitlines()] for f in files]
+    assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == 48  # max_train_examples
+    silos = yaml.safe_load(capsys.readouterr().out)["federation"]["silos"]
+    assert silos == [{"name": f"client-{k}", "num_examples": len(ids[k])} for k in range(2)]
