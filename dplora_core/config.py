@@ -125,8 +125,12 @@ class FederationConfig(_Strict):
         "label_words",
         description="label_words: cross-entropy among the label words (what evaluation ranks); lm: full-vocabulary.",
     )
-    partition: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    partition: Literal["iid", "dirichlet", "quantity"] = Field(
+        "iid", description="iid; dirichlet: label skew; quantity: unequal client sizes, labels IID."
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="Concentration of partition dirichlet and quantity: smaller is more skewed."
+    )
     seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
     min_clients: int | None = Field(
         None, ge=1, description="Quorum: a round is applied if this many of its clients succeed (None: all)."
@@ -173,13 +177,46 @@ class FederationConfig(_Strict):
         return self
 
 
+class CustomDataConfig(_Strict):
+    """Your own classification corpus: a CSV (with a header row) or JSONL file, described here, no code."""
+
+    path: str = Field(description="The .csv or .jsonl file (relative to the working folder, or absolute).")
+    text_column: str = Field("text", description="Column (CSV) or key (JSONL) holding the text to classify.")
+    label_column: str = Field("label", description="Column or key holding the label.")
+    question_column: str | None = Field(None, description="Optional column or key for {question} in the prompt.")
+    labels: tuple[str, ...] = Field(min_length=2, description="The label values as they appear in the file.")
+    label_words: tuple[str, ...] | None = Field(
+        None, description="The word the model answers for each label, same order (None: the labels themselves)."
+    )
+
+    @model_validator(mode="after")
+    def _labels_and_words_match(self) -> CustomDataConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"data.custom.labels must be unique, got {list(self.labels)}")
+        words = self.words
+        if len(words) != len(self.labels):
+            raise ValueError(
+                f"data.custom.label_words has {len(words)} words for {len(self.labels)} labels; give one per label"
+            )
+        if len(set(words)) != len(words) or any(not w.strip() or w != w.strip() for w in words):
+            raise ValueError(f"data.custom.label_words must be unique non-blank words, got {list(words)}")
+        return self
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.label_words if self.label_words is not None else self.labels
+
+
 class DataConfig(_Strict):
     """Which dataset, where its prepared splits live, and how prompts look."""
 
-    dataset: Literal["financial_phrasebank", "pubmedqa"] = "financial_phrasebank"
+    dataset: Literal["financial_phrasebank", "pubmedqa", "custom"] = Field(
+        "financial_phrasebank", description="custom: your own CSV or JSONL file, described in data.custom."
+    )
+    custom: CustomDataConfig | None = None
     raw_dir: str = Field("data/raw", description="Immutable copies of the source datasets.")
     prepared_dir: str = Field("data/prepared", description="Train/validation/test JSONL files.")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="FPB only; PubMedQA has an official split.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="FPB, custom; PubMedQA has an official split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Held out from train for per-round eval.")
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation/test split.")
     prompt_template: str | None = Field(
@@ -195,6 +232,14 @@ class DataConfig(_Strict):
         if value is not None and "{text}" not in value:
             raise ValueError("must contain the placeholder {text}")
         return value
+
+    @model_validator(mode="after")
+    def _custom_is_described(self) -> DataConfig:
+        if (self.dataset == "custom") != (self.custom is not None):
+            raise ValueError("data.custom describes the file of data.dataset: custom, and only then")
+        if self.dataset == "custom" and self.prompt_template is None:
+            raise ValueError("data.dataset custom needs data.prompt_template (with {text}, ending in the answer cue)")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dplora_core.config import CustomDataConfig, DataConfig
 from dplora_core.io import atomic_write
 
 
@@ -60,10 +61,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def task_spec(dataset: str, template: str | None = None) -> TaskSpec:
-    """The dataset's labels with its default prompt, or with `template` instead."""
-    spec = TASKS[dataset]
-    return spec if template is None else TaskSpec(labels=spec.labels, template=template)
+def task_spec(data: DataConfig) -> TaskSpec:
+    """The configured dataset's label words and prompt (data.prompt_template, else the dataset's default)."""
+    if data.custom is not None:
+        assert data.prompt_template is not None  # the config requires one for custom data
+        return TaskSpec(labels=data.custom.words, template=data.prompt_template)
+    spec = TASKS[data.dataset]
+    return spec if data.prompt_template is None else TaskSpec(labels=spec.labels, template=data.prompt_template)
 
 
 RAW_FILES: dict[str, tuple[str, ...]] = {
@@ -128,6 +132,54 @@ def read_pubmedqa(pqal_path: Path, test_path: Path) -> tuple[list[Example], list
     return train, test
 
 
+def read_custom(custom: CustomDataConfig) -> list[Example]:
+    """Your own CSV (header row) or JSONL file -> examples whose labels are the label words.
+
+    Errors name the file and the row (CSV, counting the header as row 1) or line (JSONL)."""
+    path = Path(custom.path)
+    if not path.is_file():
+        raise DataError(f"{path}: data.custom.path not found")
+    word_of = dict(zip(custom.labels, custom.words, strict=True))
+    columns = [c for c in (custom.text_column, custom.label_column, custom.question_column) if c is not None]
+    examples: list[Example] = []
+    for where, row in _rows(path):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(f"{path}, {where}: no column {missing[0]!r} (data.custom; found {sorted(row)})")
+        label, text = str(row[custom.label_column]).strip(), str(row[custom.text_column]).strip()
+        if label not in word_of:
+            raise DataError(f"{path}, {where}: unknown label {label!r} (data.custom.labels: {list(custom.labels)})")
+        if not text:
+            raise DataError(f"{path}, {where}: empty text in column {custom.text_column!r}")
+        question = str(row[custom.question_column]).strip() if custom.question_column else ""
+        examples.append(Example(id=f"{path.stem}-{len(examples)}", text=text, label=word_of[label], question=question))
+    if not examples:
+        raise DataError(f"{path}: no records")
+    return examples
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of a CSV with a header row, or of a JSONL file."""
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for row_no, row in enumerate(csv.DictReader(f), start=2):
+                yield f"row {row_no}", {k: v for k, v in row.items() if k is not None}
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {line_no}: not JSON: {err}") from err
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}, line {line_no}: expected a JSON object")
+                yield f"line {line_no}", record
+    else:
+        raise DataError(f"{path}: data.custom.path must end in .csv or .jsonl")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -157,9 +209,15 @@ def stratified_split(
 
 
 def prepare_splits(
-    dataset: str, raw_dir: Path, *, test_fraction: float, validation_fraction: float, seed: int
+    dataset: str, raw_dir: Path, *, test_fraction: float, validation_fraction: float, seed: int,
+    custom: CustomDataConfig | None = None,
 ) -> dict[str, list[Example]]:
-    """Raw files -> {'train', 'validation', 'test'} examples."""
+    """Raw files (or your own file, dataset custom) -> {'train', 'validation', 'test'} examples."""
+    if dataset == "custom":
+        assert custom is not None
+        train, test = stratified_split(read_custom(custom), test_fraction, seed=seed)
+        train, validation = stratified_split(train, validation_fraction, seed=seed + 1)
+        return {"train": train, "validation": validation, "test": test}
     files = [raw_dir / f for f in RAW_FILES[dataset]]
     for f in files:
         if not f.is_file():
@@ -226,6 +284,24 @@ def partition_dirichlet(
         f"partition: Dirichlet(alpha={alpha}) left a client empty in {max_tries} draws "
         f"for {len(labels)} examples and {num_clients} clients; raise alpha or use fewer clients"
     )
+
+
+def partition_quantity(n: int, num_clients: int, *, alpha: float, seed: int) -> list[list[int]]:
+    """Quantity skew: client k gets a share p_k of the shuffled records, p ~ Dirichlet(alpha * 1_K), labels IID.
+
+    Smaller alpha means more unequal sizes. Every client keeps at least one record; a share too small for
+    that is raised to one, taken from the largest client.
+    """
+    if n < num_clients:
+        raise DataError(f"partition: {n} examples cannot give each of {num_clients} clients one")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    sizes = np.floor(rng.dirichlet(np.full(num_clients, alpha)) * n).astype(int)  # (K,)
+    sizes[np.argmax(sizes)] += n - sizes.sum()
+    for k in np.flatnonzero(sizes == 0):
+        sizes[np.argmax(sizes)] -= 1
+        sizes[k] = 1
+    return [sorted(s.tolist()) for s in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
 def label_histogram(examples: Sequence[Example], labels: Sequence[str]) -> dict[str, int]:

@@ -107,12 +107,18 @@ def cmd_run(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
     start = time.monotonic()
     raw = Path(cfg.data.raw_dir)
-    if not raw.exists():
+    if cfg.data.dataset != "custom" and not raw.exists():  # your own file needs no reference data
         cmd_ingest(cfg, args)
     if cfg.model.gguf_file is not None:
         cmd_convert_model(cfg, args)
     metrics = dplora_pipeline(cfg, resume=args.resume)
     print(format_summary(metrics, wall_seconds=time.monotonic() - start))
+
+
+def cmd_report(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.report import write_report
+
+    print(f"wrote {write_report(cfg, args.out)}")
 
 
 def cmd_audit(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -131,6 +137,7 @@ COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None]
     "federate": (cmd_federate, "run the federated DP-LoRA training flow"),
     "evaluate": (cmd_evaluate, "evaluate zero-shot and final adapter on the test split; print the table"),
     "show": (cmd_show, "print the results table of a finished experiment"),
+    "report": (cmd_report, "markdown summary and PNG plots of the run, and utility against epsilon over all runs"),
     "audit": (cmd_audit, "membership-inference audit with canaries: attack AUC and empirical epsilon vs accountant"),
 }
 
@@ -186,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="continue from the run's last checkpoint (config unchanged except federation.rounds); "
                 "the budget guard still applies",
             )
+        if name == "report":
+            p.add_argument("--out", type=Path, default=Path("reports"), help="folder for summary.md and the PNGs")
         if name == "split-silos":
             p.add_argument("--out", type=Path, required=True, help="folder for one sub-folder per silo")
         if name == "audit":

@@ -10,6 +10,7 @@ from prefect import flow
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import DataError
 from dplora_core.io import atomic_write
+from flows.registry import register_final_adapter, registered_name
 from flows.tracking import ExperimentRun
 from tasks.runtime import eval_prompts
 from tasks.training import evaluate
@@ -40,6 +41,8 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "train_seconds": training["train_seconds"],
         "mlflow_run_id": training["mlflow_run_id"],
     }
+    version = register_final_adapter(config, training["mlflow_run_id"], adapter_path, metrics["privacy"])
+    metrics["registered_model"] = {"name": registered_name(config), "version": version}
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])
     run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])

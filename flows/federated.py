@@ -8,12 +8,16 @@ would cost; a round that would take any epsilon past `privacy.target_epsilon` is
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
+from tqdm import tqdm
 
 from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
 from dplora_core.config import ExperimentConfig, RunnerConfig
@@ -21,9 +25,10 @@ from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, describe_guarantee
 from dplora_core.train import sample_rate
+from flows import plots
 from flows.runners import task_runner
 from flows.tracking import ExperimentRun
-from tasks.runtime import client_sizes
+from tasks.runtime import client_sizes, partition_path
 from tasks.silos import publish_global, train_remote
 from tasks.training import (
     NoisePlan,
@@ -146,6 +151,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         p = cfg.privacy
         run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy"})
         state = RunState(init_adapter(cfg), plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
+        log_label_histograms(cfg, run)
         return state, run
     changed = config_changes(checkpoint.state["config"], cfg.flat())
     if changed:
@@ -169,6 +175,19 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     return state, run
 
 
+def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
+    """Simulation: each client's label histogram as a plot in MLflow (cross-silo: the silos keep theirs)."""
+    partition = partition_path(cfg)
+    if cfg.federation.silos is not None or not partition.is_file():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plots.label_histograms(
+            json.loads(partition.read_text())["label_histograms"], Path(tmp) / "label_histograms.png",
+            title=f"{cfg.name}: training records per client and label\n(simulation statistics, not covered by DP)",
+        )
+        run.log_artifact(png, "data")
+
+
 def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Run `federated_finetune` on the task runner of `config.runner` (threads, Dask or Ray)."""
     return federated_finetune.with_options(task_runner=task_runner(config.runner))(config, resume=resume)
@@ -187,6 +206,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
         log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
     full_bytes = full_model_bytes(cfg)
     stopped: str | None = None
+    rounds_bar = progress_bar(total=f.rounds, initial=state.global_model.round, desc="rounds", position=0)
     try:
         while state.global_model.round < f.rounds:
             start = time.monotonic()
@@ -213,13 +233,9 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat()},
             )
-            row = state.history[-1]
-            numbers = {k: v for k, v in row.items() if isinstance(v, float | int) and k != "round"}
-            run.log_metrics({k: v for k, v in numbers.items() if np.isfinite(v)}, step=r)
-            if row["failed_clients"]:
-                run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
-            ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
-            run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
+            row = track_round(state, run, checkpoint / f"adapter-round-{r:04d}.safetensors")
+            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, epsilon {row['epsilon']:.2f}")
+            rounds_bar.update()
             log.info(
                 "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
                 r,
@@ -235,7 +251,30 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     except BaseException:
         run.finish("FAILED")
         raise
+    finally:
+        rounds_bar.close()
     return summary
+
+
+def track_round(state: RunState, run: ExperimentRun, adapter: Path) -> dict[str, Any]:
+    """The round just finished, into MLflow: its numbers (per client too), failures, ledgers and adapter."""
+    row = state.history[-1]
+    r = row["round"]
+    numbers = {k: v for k, v in row.items() if isinstance(v, float | int) and k != "round"}
+    for k, client_numbers in (row["per_client"] or {}).items():
+        numbers |= {f"client_{k}_{name}": v for name, v in client_numbers.items()}
+    run.log_metrics({k: v for k, v in numbers.items() if np.isfinite(v)}, step=r)
+    if row["failed_clients"]:
+        run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
+    ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
+    run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
+    run.log_artifact(adapter, "adapters")
+    return row
+
+
+def progress_bar(**kwargs: Any) -> tqdm[Any]:
+    """A progress bar on a terminal (stderr is a TTY); silent in logs, DVC and deployments."""
+    return tqdm(disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun]) -> None:
@@ -253,7 +292,7 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
         if p.mode == "client" or int(key) in released:
             state.ledgers[key].record(run)
     val = evaluate(cfg, new_model.adapter, "validation")
-    epsilon, _ = spent_epsilon(cfg, state.ledgers)
+    epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
     round_down = len(global_model.adapter) * len(clients)
     round_up = sum(len(u.adapter) for u in updates)
     state.bytes_down += round_down
@@ -275,8 +314,20 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
             "clip_norm": state.clip_norm if p.mode == "client" else None,
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
+            "per_client": None if private else per_client_numbers(updates, per_ledger),
         }
     )
+
+
+def per_client_numbers(updates: list[ClientUpdate], epsilons: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each aggregated client's bytes up, records and (record-level DP) epsilon so far, for MLflow."""
+    numbers: dict[str, dict[str, float]] = {}
+    for u in updates:
+        k = str(u.client_id)
+        numbers[k] = {"bytes_up": len(u.adapter), "num_examples": u.num_examples}
+        if k in epsilons:
+            numbers[k]["epsilon"] = epsilons[k]
+    return numbers
 
 
 class RoundFailed(RuntimeError):
@@ -308,12 +359,14 @@ def train_round_clients(
     )
     updates: list[ClientUpdate] = []
     failed: dict[int, str] = {}
-    for k, future in zip(clients, futures, strict=True):
-        future.wait()
-        if future.state.is_completed():
-            updates.append(future.result())
-        else:
-            failed[k] = future.state.message or future.state.type.value
+    with progress_bar(total=len(clients), desc=f"round {r} clients", position=1, leave=False) as bar:
+        for k, future in zip(clients, futures, strict=True):
+            future.wait()
+            if future.state.is_completed():
+                updates.append(future.result())
+            else:
+                failed[k] = future.state.message or future.state.type.value
+            bar.update()
     released = {u.client_id for u in updates}  # a rejected update was still sent: its release is charged
     if f.silos is not None:  # a silo may have written its update and failed after: charge every silo started
         released = set(clients)

@@ -1,8 +1,16 @@
-"""The short results table printed at the end of a run."""
+"""What people read: the results table printed at the end of a run, and `dplora report` (markdown and PNGs)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from dplora_core.config import ExperimentConfig
+from dplora_core.io import atomic_write
+from flows import plots
 
 
 def _mib(n: float) -> str:
@@ -47,3 +55,93 @@ def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows[:5]))
     return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def write_report(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    """reports/: a markdown summary and PNG plots of this config's run, and the frontier of every run in
+    its MLflow experiment. Returns the path of the markdown file."""
+    training_path = cfg.run_dir / "training.json"
+    if not training_path.is_file():
+        raise FileNotFoundError(f"{training_path}: no run of {cfg.name} yet (run `dplora run` first)")
+    training = json.loads(training_path.read_text())
+    history, p = training["history"], training["privacy"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = cfg.name
+    figures = [
+        plots.round_curves(history, out_dir / f"{name}-accuracy-loss.png", title=f"{name}: validation per round"),
+        plots.epsilon_curve(
+            history, out_dir / f"{name}-epsilon.png",
+            title=f"{name}: epsilon per round, mode {p['mode']}, delta {p['delta']:g}",
+            target=cfg.privacy.target_epsilon if p["mode"] != "none" else None,
+        ),
+    ]
+    if history and history[0]["bytes_up"] is not None:  # mode client keeps per-round bytes on the server
+        figures.append(plots.bytes_curve(
+            history, out_dir / f"{name}-bytes.png", title=f"{name}: bytes per round",
+            full_model_bytes=training["bytes"]["full_model"],
+        ))
+    partition = cfg.run_dir / "partition.json"
+    if partition.is_file():
+        figures.append(plots.label_histograms(
+            json.loads(partition.read_text())["label_histograms"], out_dir / f"{name}-label-histograms.png",
+            title=f"{name}: training records per client and label\n(simulation statistics, not covered by DP)",
+        ))
+    runs = store_runs(cfg)
+    figures.append(plots.frontier([r for r in runs if r["accuracy"] is not None], out_dir / "frontier.png"))
+    lines = [
+        f"# dplora report: experiment `{cfg.tracking.experiment}`",
+        "",
+        f"Written by `dplora report` from the MLflow store `{cfg.tracking.mlflow_uri}` and `{cfg.run_dir}`.",
+        "",
+        f"## {name}",
+        "",
+        f"Privacy: {p['guarantee']}",
+        "",
+    ]
+    metrics_path = cfg.run_dir / "metrics.json"
+    if metrics_path.is_file():
+        lines += ["```", format_summary(json.loads(metrics_path.read_text())), "```", ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures if f.name != "frontier.png"]
+    lines += [
+        "",
+        "## All runs in the store",
+        "",
+        "| run | mode | epsilon | delta | test accuracy | test macro-F1 | rounds | guarantee |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.4f}"
+        lines.append(
+            f"| {r['name']} | {r['mode']} | {eps} | {r['delta']} | {acc} | {f1} | {r['rounds']} | {r['guarantee']} |"
+        )
+    lines += ["", "![frontier](frontier.png)", ""]
+    summary = out_dir / "summary.md"
+    atomic_write(summary, "\n".join(lines).encode())
+    return summary
+
+
+def store_runs(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """Every finished run of the config's MLflow experiment: name, mode, epsilon, delta, test metrics."""
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time"]
+    )
+    return [
+        {
+            "name": run.info.run_name,
+            "mode": run.data.tags.get("dplora.privacy_mode", "?"),
+            "epsilon": run.data.metrics.get("epsilon_final"),
+            "delta": run.data.params.get("privacy.delta", "?"),
+            "accuracy": run.data.metrics.get("test_accuracy"),
+            "macro_f1": run.data.metrics.get("test_macro_f1"),
+            "rounds": run.data.params.get("federation.rounds", "?"),
+            "guarantee": run.data.tags.get("dplora.guarantee", "-").replace("|", "/"),
+        }
+        for run in runs
+        if "dplora.audit" not in run.data.tags
+    ]

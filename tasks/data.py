@@ -11,12 +11,13 @@ from prefect import task
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import (
-    TASKS,
     DataError,
     label_histogram,
     partition_dirichlet,
     partition_iid,
+    partition_quantity,
     prepare_splits,
+    task_spec,
     write_jsonl,
 )
 from dplora_core.io import atomic_write
@@ -51,9 +52,9 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
     d = cfg.data
     splits = prepare_splits(
         d.dataset, Path(d.raw_dir), test_fraction=d.test_fraction, validation_fraction=d.validation_fraction,
-        seed=d.split_seed,
+        seed=d.split_seed, custom=d.custom,
     )
-    labels = TASKS[d.dataset].labels
+    labels = task_spec(d).labels
     for name, examples in splits.items():
         write_jsonl(split_path(d, name), examples)
     split_examples.cache_clear()
@@ -69,9 +70,11 @@ def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
         raise DataError(f"{split_path(cfg.data, 'train')}: {len(train)} examples for {f.num_clients} clients")
     if f.partition == "iid":
         shards = partition_iid(len(train), f.num_clients, seed=f.seed)
+    elif f.partition == "quantity":
+        shards = partition_quantity(len(train), f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
     else:
         shards = partition_dirichlet([e.label for e in train], f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
-    labels = TASKS[cfg.data.dataset].labels
+    labels = task_spec(cfg.data).labels
     hist = [label_histogram([train[i] for i in s], labels) for s in shards]
     atomic_write(partition_path(cfg), json.dumps({"clients": shards, "label_histograms": hist}).encode())
     return hist

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
-from dplora_core.data import TASKS, DataError, Example, TaskSpec, read_jsonl, task_spec
+from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, task_spec
 from dplora_core.model import attach_lora, load_base_model
 
 
@@ -35,7 +35,8 @@ def workspace(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Workspace:
 
 
 def split_path(data: DataConfig, split: str) -> Path:
-    return Path(data.prepared_dir) / data.dataset / f"{split}.jsonl"
+    name = f"custom-{Path(data.custom.path).stem}" if data.custom is not None else data.dataset
+    return Path(data.prepared_dir) / name / f"{split}.jsonl"
 
 
 def partition_path(cfg: ExperimentConfig) -> Path:
@@ -44,7 +45,7 @@ def partition_path(cfg: ExperimentConfig) -> Path:
 
 @functools.cache
 def split_examples(data: DataConfig, split: str) -> tuple[Example, ...]:
-    examples = read_jsonl(split_path(data, split), labels=TASKS[data.dataset].labels)
+    examples = read_jsonl(split_path(data, split), labels=task_spec(data).labels)
     limit = {"train": data.max_train_examples, "validation": data.max_validation_examples,
              "test": data.max_test_examples}[split]
     return tuple(examples[:limit])
@@ -78,7 +79,7 @@ def silo_data(cfg: ExperimentConfig, client_id: int, data_path: str) -> tuple[En
     """Cross-silo, inside silo `client_id`: its own training records (JSONL of text and label), tokenised."""
     assert cfg.federation.silos is not None
     silo = cfg.federation.silos[client_id]
-    examples = read_jsonl(Path(data_path), labels=TASKS[cfg.data.dataset].labels)
+    examples = read_jsonl(Path(data_path), labels=task_of(cfg).labels)
     if len(examples) != silo.num_examples:
         raise DataError(
             f"{data_path}: silo {silo.name} (client {client_id}) holds {len(examples)} records, but "
@@ -99,7 +100,7 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
 
 def task_of(cfg: ExperimentConfig) -> TaskSpec:
     """The configured dataset's labels and prompt."""
-    return task_spec(cfg.data.dataset, cfg.data.prompt_template)
+    return task_spec(cfg.data)
 
 
 @functools.cache

@@ -23,8 +23,9 @@ from dplora_core.adapters import (
     to_bytes,
     upload_state,
 )
-from dplora_core.batching import Encoded
+from dplora_core.batching import Encoded, encode
 from dplora_core.config import ExperimentConfig
+from dplora_core.data import Example
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
@@ -33,7 +34,7 @@ from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
 from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
-from tasks.runtime import client_data, client_sizes, eval_prompts, label_ids_of, silo_data, workspace
+from tasks.runtime import client_data, client_sizes, eval_prompts, label_ids_of, silo_data, task_of, workspace
 
 # A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
 MAX_DELTA_TIMES_N = 0.1
@@ -293,6 +294,23 @@ def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[s
         "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
         "loss": label_word_loss(scores, gold), "n": len(gold),
     }
+
+
+def predict_labels(
+    cfg: ExperimentConfig, adapter: bytes, texts: Sequence[str], questions: Sequence[str] = ()
+) -> list[str]:
+    """The label word the adapted model ranks first for each text (inference, as evaluation scores it)."""
+    ws = workspace(cfg.model, cfg.lora)
+    task = task_of(cfg)
+    examples = [Example(id=str(i), text=t, label=task.labels[0], question=q)
+                for i, (t, q) in enumerate(zip(texts, questions or [""] * len(texts), strict=True))]
+    prompts = [encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples]
+    with ws.lock:
+        load_adapter_state(ws.model, from_bytes(adapter, source="adapter"), source="adapter")
+        scores = label_scores(
+            ws.model, prompts, label_ids_of(cfg), pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size
+        )
+    return [task.labels[i] for i in scores.argmax(dim=1).tolist()]
 
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:

@@ -38,6 +38,16 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"data": {"dataset": "imdb"}}, "data.dataset", "financial_phrasebank"),
         ({"federation": {"batch_size": 8, "microbatch_size": 16}}, "microbatch_size (16) must be <=", ""),
         ({"data": {"prompt_template": "Sentiment:"}}, "data.prompt_template", "{text}"),
+        ({"data": {"dataset": "custom"}}, "data", "data.custom describes the file of data.dataset: custom"),
+        (
+            {"data": {"dataset": "custom", "custom": {"path": "c.csv", "labels": ["0", "1"]}}},
+            "data", "needs data.prompt_template",
+        ),
+        (
+            {"data": {"dataset": "custom", "prompt_template": "{text} A:",
+                      "custom": {"path": "c.csv", "labels": ["0", "1"], "label_words": ["bad"]}}},
+            "data.custom", "has 1 words for 2 labels",
+        ),
         ({"runner": {"kind": "spark"}}, "runner.kind", "Input should be"),
         ({"runner": {"address": "tcp://127.0.0.1:8786"}}, "runner", "runner.address is for runner.kind dask or ray"),
         (

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from dplora_core.config import CustomDataConfig
 from dplora_core.data import (
     DataError,
     prepare_splits,
+    read_custom,
     read_financial_phrasebank,
     read_pubmedqa,
     stratified_split,
@@ -82,3 +84,61 @@ def test_stratified_split_fraction() -> None:
 def test_missing_raw_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"all-data\.csv: raw data file not found"):
         prepare_splits("financial_phrasebank", tmp_path, test_fraction=0.2, validation_fraction=0.1, seed=0)
+
+
+# --- custom datasets ---------------------------------------------------------------------
+
+
+def custom(path: Path, **overrides: object) -> CustomDataConfig:
+    spec: dict[str, object] = {
+        "path": str(path), "text_column": "sentence", "label_column": "y", "labels": ["0", "1"],
+        "label_words": ["bad", "good"],
+    }
+    return CustomDataConfig.model_validate(spec | overrides)
+
+
+def test_a_custom_csv_becomes_examples_labelled_with_the_label_words(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.csv"
+    path.write_text('sentence,y,extra\nSales fell,0,x\n"Profit rose, again",1,y\n', encoding="utf-8")
+    examples = read_custom(custom(path))
+    assert [(e.text, e.label) for e in examples] == [("Sales fell", "bad"), ("Profit rose, again", "good")]
+
+
+def test_a_custom_jsonl_with_a_question_column(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"sentence": "ctx", "q": "why?", "y": 1}\n\n{"sentence": "c2", "q": "how?", "y": 0}\n')
+    examples = read_custom(custom(path, question_column="q"))
+    assert [(e.text, e.question, e.label) for e in examples] == [("ctx", "why?", "good"), ("c2", "how?", "bad")]
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ("sentence,label\nSales fell,0\n", ".csv", r"corpus\.csv, row 2: no column 'y'"),
+        ("sentence,y\nSales fell,0\nProfit rose,2\n", ".csv", r"corpus\.csv, row 3: unknown label '2'"),
+        ("sentence,y\n ,1\n", ".csv", r"corpus\.csv, row 2: empty text in column 'sentence'"),
+        ('{"sentence": "a", "y": "0"}\nnot json\n', ".jsonl", r"corpus\.jsonl, line 2: not JSON"),
+        ("sentence,y\n", ".csv", r"corpus\.csv: no records"),
+        ("a\tb\n", ".tsv", r"corpus\.tsv: data\.custom\.path must end in \.csv or \.jsonl"),
+    ],
+)
+def test_custom_data_errors_name_the_file_and_row(tmp_path: Path, content: str, suffix: str, message: str) -> None:
+    path = tmp_path / f"corpus{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_custom(custom(path))
+
+
+def test_a_missing_custom_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.csv: data\.custom\.path not found"):
+        read_custom(custom(tmp_path / "nope.csv"))
+
+
+def test_custom_splits_are_stratified(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.csv"
+    path.write_text("sentence,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(100)))
+    splits = prepare_splits(
+        "custom", tmp_path, test_fraction=0.2, validation_fraction=0.1, seed=0, custom=custom(path)
+    )
+    assert {k: len(v) for k, v in splits.items()} == {"train": 72, "validation": 8, "test": 20}
+    assert sum(e.label == "good" for e in splits["test"]) == 10

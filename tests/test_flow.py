@@ -68,6 +68,55 @@ def test_mlflow_run_holds_config_round_metrics_and_adapter(finished) -> None:
     assert "record-level" in run.data.tags["dplora.guarantee"]
 
 
+def test_mlflow_has_per_client_metrics_and_every_rounds_adapter(finished) -> None:
+    cfg, metrics = finished
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    run_id = metrics["mlflow_run_id"]
+    for k in ("0", "1"):
+        eps = client.get_metric_history(run_id, f"client_{k}_epsilon")
+        assert [m.step for m in eps] == [1, 2]
+        assert eps[-1].value == pytest.approx(metrics["privacy"]["per_client_epsilon"][k])
+        assert [m.step for m in client.get_metric_history(run_id, f"client_{k}_bytes_up")] == [1, 2]
+    adapters = [a.path for a in client.list_artifacts(run_id, "adapters")]
+    assert adapters == [f"adapters/adapter-round-{r:04d}.safetensors" for r in (1, 2)]
+
+
+def test_the_final_adapter_is_registered_with_its_guarantee_and_loads_for_inference(finished) -> None:
+    import mlflow
+
+    cfg, metrics = finished
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    version = client.get_model_version("dplora-tiny", metrics["registered_model"]["version"])
+    assert version.tags["epsilon"] == f"{metrics['privacy']['epsilon']:.4f}"
+    assert version.tags["delta"] == str(cfg.privacy.delta) and version.tags["privacy_mode"] == "sample"
+    assert "record-level" in version.tags["guarantee"] and len(version.tags["dataset_version"]) == 12
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    model = mlflow.pyfunc.load_model(f"models:/dplora-tiny/{version.version}")
+    assert set(model.predict(["profit rose", "sales fell"])) <= {"negative", "neutral", "positive"}
+
+
+def test_mlflow_has_the_clients_label_histograms_as_a_plot(finished) -> None:
+    cfg, metrics = finished
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    assert [a.path for a in client.list_artifacts(metrics["mlflow_run_id"], "data")] == ["data/label_histograms.png"]
+
+
+def test_report_writes_a_summary_and_png_plots(finished, tmp_path: Path) -> None:
+    from flows.report import write_report
+
+    cfg, metrics = finished
+    summary = write_report(cfg, tmp_path / "reports").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "reports").glob("*.png"))
+    assert pngs == sorted(
+        ["frontier.png", *(f"tiny-{k}.png" for k in ("accuracy-loss", "epsilon", "bytes", "label-histograms"))]
+    )
+    assert all((tmp_path / "reports" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for png in pngs:
+        assert f"({png})" in summary
+    row = f"| tiny | sample | {metrics['privacy']['epsilon']:.3f} | {cfg.privacy.delta} |"
+    assert row in summary and "record-level" in summary
+
+
 def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
     cfg, _ = finished
     global_model = init_adapter.fn(cfg)
@@ -167,3 +216,30 @@ def test_demo_shape_freeze_a_with_os_entropy_noise(
             assert not torch.equal(value, initial[key]), key  # B trained (and noised)
     b = metrics["bytes"]
     assert b["up"] < 0.75 * b["down"]  # uploads carry B only; downloads the whole adapter
+
+
+def test_the_pipeline_runs_on_a_custom_csv_described_only_in_config(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    import csv
+
+    source = csv.reader((raw_dir / "financial_phrasebank" / "all-data.csv").open(encoding="latin-1"))
+    next(source)
+    ids = {"negative": 0, "neutral": 1, "positive": 2}
+    corpus = tmp_path / "headlines.csv"
+    with corpus.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["headline", "sentiment_id"])
+        writer.writerows([text, ids[label]] for label, text in list(source)[:200])
+    custom = {
+        "path": str(corpus), "text_column": "headline", "label_column": "sentiment_id", "labels": ["0", "1", "2"],
+        "label_words": ["negative", "neutral", "positive"],
+    }
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, data__dataset="custom", data__custom=custom,
+        data__prompt_template="classify the sentiment : {text} sentiment :", federation__rounds=1,
+    )
+    metrics = dplora_pipeline(cfg)
+    assert metrics["test"]["final"]["n"] == 16
+    prepared = (tmp_path / "prepared" / "custom-headlines" / "train.jsonl").read_text().splitlines()
+    assert {json.loads(line)["label"] for line in prepared} <= {"negative", "neutral", "positive"}

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dplora_core.data import DataError, partition_dirichlet, partition_iid
+from dplora_core.data import DataError, partition_dirichlet, partition_iid, partition_quantity
 
 
 def assert_disjoint_and_complete(shards: list[list[int]], n: int) -> None:
@@ -57,3 +57,26 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
 def test_dirichlet_empty_client_is_named_error() -> None:
     with pytest.raises(DataError, match="left a client empty"):
         partition_dirichlet(["a", "b"], 5, alpha=0.01, seed=0, max_tries=3)
+
+
+@settings(max_examples=50)
+@given(n=st.integers(1, 500), k=st.integers(1, 20), alpha=st.floats(0.05, 100), seed=st.integers(0, 2**31))
+def test_quantity_is_disjoint_complete_and_nonempty(n: int, k: int, alpha: float, seed: int) -> None:
+    if n < k:
+        with pytest.raises(DataError, match=f"{n} examples cannot give each of {k} clients one"):
+            partition_quantity(n, k, alpha=alpha, seed=seed)
+        return
+    shards = partition_quantity(n, k, alpha=alpha, seed=seed)
+    assert len(shards) == k
+    assert_disjoint_and_complete(shards, n)
+    assert all(shards)
+
+
+def test_quantity_skew_grows_as_alpha_shrinks() -> None:
+    def size_spread(alpha: float) -> float:  # mean coefficient of variation of the client sizes
+        return float(np.mean([np.std(s) / np.mean(s) for s in (
+            [len(x) for x in partition_quantity(1000, 5, alpha=alpha, seed=seed)] for seed in range(20)
+        )]))
+
+    assert size_spread(0.3) > size_spread(3.0) > size_spread(300.0)
+    assert size_spread(300.0) < 0.1

@@ -1,0 +1,125 @@
+"""PNG plots for people: per-client label histograms, per-round curves, the utility-privacy frontier.
+
+Matplotlib with the Agg backend (no screen); every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after the backend is chosen
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def label_histograms(histograms: Sequence[dict[str, int]], path: Path, *, title: str) -> Path:
+    """Stacked bars: each client's number of training records per label."""
+    labels = list(histograms[0]) if histograms else []
+    clients = [f"client {k}" for k in range(len(histograms))]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(clients) + 2), 3.6))
+    bottom = [0] * len(histograms)
+    for label in labels:
+        counts = [h.get(label, 0) for h in histograms]
+        ax.bar(clients, counts, bottom=bottom, label=label)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    ax.set_ylabel("training records")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.tick_params(axis="x", labelrotation=45 if len(clients) > 6 else 0)
+    return _save(fig, path)
+
+
+def round_curves(history: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
+    """Validation accuracy, macro-F1 and loss after each round."""
+    rounds = [row["round"] for row in history]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(8, 3.4))
+    acc.plot(rounds, [row["val_accuracy"] for row in history], marker="o", label="accuracy")
+    acc.plot(rounds, [row["val_macro_f1"] for row in history], marker="s", label="macro-F1")
+    acc.set_xlabel("round")
+    acc.set_ylim(0, 1)
+    acc.legend(fontsize=8)
+    acc.set_title("validation accuracy", fontsize=10)
+    losses = [row.get("val_loss", math.nan) for row in history]  # runs before val_loss was logged have none
+    loss.plot(rounds, losses, marker="o", color="tab:red")
+    if all(math.isnan(x) for x in losses):
+        loss.text(0.5, 0.5, "not recorded by this run", ha="center", transform=loss.transAxes)
+    loss.set_xlabel("round")
+    loss.set_title("validation loss (label words)", fontsize=10)
+    for ax in (acc, loss):
+        ax.set_xticks(rounds)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def epsilon_curve(history: Sequence[dict[str, Any]], path: Path, *, title: str, target: float | None) -> Path:
+    """Epsilon spent after each round (the accountant's, at the run's delta), with the target."""
+    rounds = [row["round"] for row in history]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    eps = [row["epsilon"] if row["epsilon"] is not None and math.isfinite(row["epsilon"]) else math.nan
+           for row in history]
+    ax.plot(rounds, eps, marker="o", label="spent")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", label=f"target {target:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon")
+    ax.set_xticks(rounds)
+    top = max([e for e in eps if not math.isnan(e)] + ([target] if target is not None else []), default=1.0)
+    ax.set_ylim(0, 1.15 * top)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def bytes_curve(history: Sequence[dict[str, Any]], path: Path, *, title: str, full_model_bytes: int) -> Path:
+    """Bytes sent up and down in each round, against what full-model exchange would have sent."""
+    rounds = [row["round"] for row in history]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    width = 0.38
+    up = [(row["bytes_up"] or 0) / 2**20 for row in history]
+    down = [(row["bytes_down"] or 0) / 2**20 for row in history]
+    ax.bar([r - width / 2 for r in rounds], up, width, label="LoRA up")
+    ax.bar([r + width / 2 for r in rounds], down, width, label="LoRA down")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB")
+    ax.set_xticks(rounds)
+    clients = [len(row["clients"] or []) for row in history]
+    full = max(clients, default=0) * full_model_bytes / 2**20
+    ax.set_title(f"{title}\n(full-model exchange: {full:,.0f} MiB each way per round)", fontsize=9)
+    ax.set_ylim(0, 1.3 * max(up + down, default=1.0))
+    ax.legend(fontsize=8, ncols=2, loc="upper center")
+    return _save(fig, path)
+
+
+def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy against epsilon, one point per run; runs without DP at the right edge, marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [p["epsilon"] for p in points if p["epsilon"] is not None]
+    edge = (max(finite) * 1.5) if finite else 1.0
+    for mode in sorted({p["mode"] for p in points}):
+        mine = [p for p in points if p["mode"] == mode]
+        xs = [p["epsilon"] if p["epsilon"] is not None else edge for p in mine]
+        ax.scatter(xs, [p["accuracy"] for p in mine], label=f"mode {mode}", s=40)
+        for p, x in zip(mine, xs, strict=True):
+            ax.annotate(p["name"], (x, p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if any(p["epsilon"] is None for p in points):
+        ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
+        ax.text(edge, ax.get_ylim()[0], " no DP", fontsize=7, va="bottom")
+    ax.set_xlabel("epsilon (each run's own delta and neighbouring relation; see the table)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xlim(0, edge * 1.15)
+    ax.set_ylim(0, 1)
+    ax.set_title("utility against privacy, all runs in the store", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
