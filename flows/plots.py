@@ -111,8 +111,9 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
         mine = [p for p in points if p["mode"] == mode]
         xs = [p["epsilon"] if p["epsilon"] is not None else edge for p in mine]
         ax.scatter(xs, [p["accuracy"] for p in mine], label=f"mode {mode}", s=40)
-        for p, x in zip(mine, xs, strict=True):
-            ax.annotate(p["name"], (x, p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for i, (p, x) in enumerate(zip(mine, xs, strict=True)):  # staggered, so runs at one point stay legible
+            offset = (4, 4 - 9 * (i % 3))
+            ax.annotate(p["name"], (x, p["accuracy"]), fontsize=7, xytext=offset, textcoords="offset points")
     if any(p["epsilon"] is None for p in points):
         ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
         ax.text(edge, ax.get_ylim()[0], " no DP", fontsize=7, va="bottom")
