@@ -44,8 +44,25 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     version = register_final_adapter(config, training["mlflow_run_id"], adapter_path, metrics["privacy"])
     metrics["registered_model"] = {"name": registered_name(config), "version": version}
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    atomic_write(out / "summary.json", json.dumps(dvc_summary(metrics), indent=2).encode())
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])
     run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])
     run.log_metrics({f"zero_shot_test_{k}": v for k, v in zero_shot.items() if k != "n"}, step=0)
     run.log_artifact(out / "metrics.json")
     return metrics
+
+
+def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | None]:
+    """The few numbers `dvc metrics show` and `dvc exp show` compare across experiments (summary.json)."""
+    test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
+    return {
+        "test_accuracy": test["final"]["accuracy"],
+        "test_macro_f1": test["final"]["macro_f1"],
+        "zero_shot_accuracy": test["zero_shot"]["accuracy"],
+        "majority_class_accuracy": test["majority_class_accuracy"],
+        "epsilon": priv["epsilon"],  # null without DP
+        "delta": priv["delta"] if priv["mode"] != "none" else None,
+        "rounds": metrics["rounds"],
+        "bytes_up": b["up"],  # null in mode client: participation stays on the server
+        "bytes_down": b["down"],
+    }

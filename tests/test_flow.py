@@ -32,6 +32,14 @@ def test_pipeline_writes_adapter_training_and_metrics(finished) -> None:
     assert 0 <= metrics["test"]["final"]["accuracy"] <= 1
 
 
+def test_pipeline_writes_the_numbers_dvc_compares(finished) -> None:
+    cfg, metrics = finished
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] == metrics["test"]["final"]["accuracy"]
+    assert summary["epsilon"] == metrics["privacy"]["epsilon"] and summary["delta"] == cfg.privacy.delta
+    assert all(v is None or isinstance(v, int | float) for v in summary.values())
+
+
 def test_pipeline_spends_at_most_the_target_epsilon(finished) -> None:
     cfg, metrics = finished
     priv = metrics["privacy"]
