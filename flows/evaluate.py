@@ -52,7 +52,7 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     return metrics
 
 
-def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | None]:
+def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | str | None]:
     """The few numbers `dvc metrics show` and `dvc exp show` compare across experiments (summary.json)."""
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
     return {
@@ -62,6 +62,8 @@ def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | None]:
         "majority_class_accuracy": test["majority_class_accuracy"],
         "epsilon": priv["epsilon"],  # null without DP
         "delta": priv["delta"] if priv["mode"] != "none" else None,
+        "privacy_mode": priv["mode"],  # sample: record-level; client: client-level; paper: the paper's bound
+        "accountant": priv["accountant"],
         "rounds": metrics["rounds"],
         "bytes_up": b["up"],  # null in mode client: participation stays on the server
         "bytes_down": b["down"],

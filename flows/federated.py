@@ -234,7 +234,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 state=state.to_json() | {"config": cfg.flat()},
             )
             row = track_round(state, run, checkpoint / f"adapter-round-{r:04d}.safetensors")
-            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, epsilon {row['epsilon']:.2f}")
+            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
             rounds_bar.update()
             log.info(
                 "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
@@ -270,6 +270,15 @@ def track_round(state: RunState, run: ExperimentRun, adapter: Path) -> dict[str,
     run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
     run.log_artifact(adapter, "adapters")
     return row
+
+
+def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:
+    """The epsilon for a progress bar, still naming its relation, accountant and delta."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return "no DP"
+    relation = {"sample": "record-level", "client": "client-level", "paper": "paper bound"}[p.mode]
+    return f"epsilon {epsilon:.2f} ({relation}, {ledger_kind(cfg)}, delta {p.delta:g})"
 
 
 def progress_bar(**kwargs: Any) -> tqdm[Any]:

@@ -71,7 +71,7 @@ def write_report(cfg: ExperimentConfig, out_dir: Path) -> Path:
         plots.round_curves(history, out_dir / f"{name}-accuracy-loss.png", title=f"{name}: validation per round"),
         plots.epsilon_curve(
             history, out_dir / f"{name}-epsilon.png",
-            title=f"{name}: epsilon per round, mode {p['mode']}, delta {p['delta']:g}",
+            title=f"{name}: epsilon per round, mode {p['mode']}, {p['accountant']} accountant, delta {p['delta']:g}",
             target=cfg.privacy.target_epsilon if p["mode"] != "none" else None,
         ),
     ]
