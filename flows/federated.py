@@ -25,10 +25,10 @@ from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, describe_guarantee
 from dplora_core.train import sample_rate
-from flows import plots
+from flows.report import label_histogram_plot
 from flows.runners import task_runner
 from flows.tracking import ExperimentRun
-from tasks.runtime import client_sizes, partition_path
+from tasks.runtime import client_sizes
 from tasks.silos import publish_global, train_remote
 from tasks.training import (
     NoisePlan,
@@ -177,15 +177,10 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
 
 def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
     """Simulation: each client's label histogram as a plot in MLflow (cross-silo: the silos keep theirs)."""
-    partition = partition_path(cfg)
-    if cfg.federation.silos is not None or not partition.is_file():
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        png = plots.label_histograms(
-            json.loads(partition.read_text())["label_histograms"], Path(tmp) / "label_histograms.png",
-            title=f"{cfg.name}: training records per client and label\n(simulation statistics, not covered by DP)",
-        )
-        run.log_artifact(png, "data")
+        png = label_histogram_plot(cfg, Path(tmp) / "label_histograms.png")
+        if png is not None:
+            run.log_artifact(png, "data")
 
 
 def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from dplora_core.config import ExperimentConfig
 from dplora_core.io import atomic_write
 from flows import plots
+from tasks.runtime import partition_path
 
 
 def _mib(n: float) -> str:
@@ -80,12 +81,9 @@ def write_report(cfg: ExperimentConfig, out_dir: Path) -> Path:
             history, out_dir / f"{name}-bytes.png", title=f"{name}: bytes per round",
             full_model_bytes=training["bytes"]["full_model"],
         ))
-    partition = cfg.run_dir / "partition.json"
-    if partition.is_file():
-        figures.append(plots.label_histograms(
-            json.loads(partition.read_text())["label_histograms"], out_dir / f"{name}-label-histograms.png",
-            title=f"{name}: training records per client and label\n(simulation statistics, not covered by DP)",
-        ))
+    histograms = label_histogram_plot(cfg, out_dir / f"{name}-label-histograms.png")
+    if histograms is not None:
+        figures.append(histograms)
     runs = store_runs(cfg)
     figures.append(plots.frontier([r for r in runs if r["accuracy"] is not None], out_dir / "frontier.png"))
     lines = [
@@ -120,6 +118,17 @@ def write_report(cfg: ExperimentConfig, out_dir: Path) -> Path:
     summary = out_dir / "summary.md"
     atomic_write(summary, "\n".join(lines).encode())
     return summary
+
+
+def label_histogram_plot(cfg: ExperimentConfig, path: Path) -> Path | None:
+    """Simulation: each client's label histogram from the partition as a PNG (None without a partition)."""
+    partition = partition_path(cfg)
+    if cfg.federation.silos is not None or not partition.is_file():  # cross-silo: the silos keep theirs
+        return None
+    return plots.label_histograms(
+        json.loads(partition.read_text())["label_histograms"], path,
+        title=f"{cfg.name}: training records per client and label\n(simulation statistics, not covered by DP)",
+    )
 
 
 def store_runs(cfg: ExperimentConfig) -> list[dict[str, Any]]:

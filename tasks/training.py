@@ -279,16 +279,8 @@ def sample_round_clients(cfg: ExperimentConfig, round_num: int) -> list[int]:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[str, float]:
     """Accuracy and macro-F1 on a split, with the given adapter (None: the base model, zero-shot)."""
-    ws = workspace(cfg.model, cfg.lora)
     prompts, gold, label_ids = eval_prompts(cfg, split)
-    batch_size = cfg.evaluation.batch_size
-    with ws.lock:
-        if adapter is None:
-            with ws.model.disable_adapter():
-                scores = label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
-        else:
-            load_adapter_state(ws.model, from_bytes(adapter, source="adapter"), source="adapter")
-            scores = label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
+    scores = score_prompts(cfg, adapter, prompts)
     preds = scores.argmax(dim=1).tolist()
     return {
         "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
@@ -305,12 +297,19 @@ def predict_labels(
     examples = [Example(id=str(i), text=t, label=task.labels[0], question=q)
                 for i, (t, q) in enumerate(zip(texts, questions or [""] * len(texts), strict=True))]
     prompts = [encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples]
+    return [task.labels[i] for i in score_prompts(cfg, adapter, prompts).argmax(dim=1).tolist()]
+
+
+def score_prompts(cfg: ExperimentConfig, adapter: bytes | None, prompts: Sequence[Encoded]) -> torch.Tensor:
+    """Each label word's logit after each prompt, (n, L), with `adapter` (None: the base model, zero-shot)."""
+    ws = workspace(cfg.model, cfg.lora)
+    label_ids, batch_size = label_ids_of(cfg), cfg.evaluation.batch_size
     with ws.lock:
+        if adapter is None:
+            with ws.model.disable_adapter():
+                return label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
         load_adapter_state(ws.model, from_bytes(adapter, source="adapter"), source="adapter")
-        scores = label_scores(
-            ws.model, prompts, label_ids_of(cfg), pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size
-        )
-    return [task.labels[i] for i in scores.argmax(dim=1).tolist()]
+        return label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
 
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:
