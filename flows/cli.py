@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     from dplora_core.adapters import AdapterError
     from dplora_core.data import DataError
 
+    if not sys.stderr.isatty():  # progress bars only on a terminal, as ours (flows.federated.progress_bar)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     try:
         COMMANDS[args.command][0](cfg, args)
     except (DataError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:

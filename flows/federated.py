@@ -8,6 +8,7 @@ would cost; a round that would take any epsilon past `privacy.target_epsilon` is
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -199,6 +200,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     state, run = start_or_resume(cfg, resume)
     if state.global_model.round:
         log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
+    log.info("privacy: %s", planned_privacy(cfg, state.plan))
     full_bytes = full_model_bytes(cfg)
     stopped: str | None = None
     rounds_bar = progress_bar(total=f.rounds, initial=state.global_model.round, desc="rounds", position=0)
@@ -232,14 +234,14 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
             rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
             rounds_bar.update()
             log.info(
-                "round %d/%d: clients %s, val loss %.4f, acc %.4f, macro-F1 %.4f; %s",
+                "round %d/%d: val acc %.4f, macro-F1 %.4f, loss %.4f; %s so far; clients %s",
                 r,
                 f.rounds,
-                "(private in mode client)" if row["clients"] is None else row["clients"],
-                row["val_loss"],
                 row["val_accuracy"],
                 row["val_macro_f1"],
-                describe_guarantee(mode=p.mode, epsilon=row["epsilon"], delta=p.delta, kind=ledger_kind(cfg)),
+                row["val_loss"],
+                short_guarantee(cfg, row["epsilon"]),
+                "private (mode client)" if row["clients"] is None else ",".join(map(str, row["clients"])),
             )
         summary = write_outputs(cfg, state, run, full_bytes, stopped)
         run.finish()  # last: a failure above marks the run FAILED, never a finished run
@@ -265,6 +267,20 @@ def track_round(state: RunState, run: ExperimentRun, adapter: Path) -> dict[str,
     run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
     run.log_artifact(adapter, "adapters")
     return row
+
+
+def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
+    """The run's privacy in one line, logged once: the budget's full guarantee and the noise that pays for it."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return describe_guarantee(mode="none", epsilon=math.inf, delta=p.delta, kind=ledger_kind(cfg))
+    sigmas = sorted({round(s, 4) for s in plan.clients.values()} | ({round(plan.server, 4)} if plan.server else set()))
+    budget = (
+        describe_guarantee(mode=p.mode, epsilon=p.target_epsilon, delta=p.delta, kind=ledger_kind(cfg))
+        if p.target_epsilon is not None
+        else f"no epsilon cap, delta {p.delta:g}"
+    )
+    return f"budget {budget} after {cfg.federation.rounds} round(s); noise multiplier {', '.join(map(str, sigmas))}"
 
 
 def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:

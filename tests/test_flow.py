@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,20 @@ def test_the_pipeline_runs_on_a_custom_csv_described_only_in_config(
     assert metrics["test"]["final"]["n"] == 16
     prepared = (tmp_path / "prepared" / "custom-headlines" / "train.jsonl").read_text().splitlines()
     assert {json.loads(line)["label"] for line in prepared} <= {"negative", "neutral", "positive"}
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_show_rounds_clients_and_the_named_epsilon_on_a_terminal(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=1)
+    dplora_pipeline(cfg)
+    shown = terminal.getvalue()
+    assert "rounds: 100%" in shown and "round 1 clients:" in shown  # the clients bar clears itself when done
+    assert "(record-level, rdp, delta 0.001)" in shown
