@@ -195,7 +195,7 @@ def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
 @flow(name="federated-finetune", task_runner=task_runner(RunnerConfig()))
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
-    cfg, f, p = config, config.federation, config.privacy
+    cfg, f = config, config.federation
     log = get_run_logger()
     state, run = start_or_resume(cfg, resume)
     if state.global_model.round:

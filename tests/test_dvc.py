@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -27,20 +30,55 @@ def digests(folder: Path) -> dict[str, str]:
     }
 
 
-def test_push_then_pull_into_a_fresh_clone_restores_the_data(raw_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "data").symlink_to(raw_dir)  # where dvc.yaml's ingest stage copies from
+@pytest.fixture(scope="module")
+def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh clone whose `ingest` stage finds the shared data where dvc.yaml looks (../shared/data)."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    (tmp / "shared").mkdir()
+    (tmp / "shared" / "data").symlink_to(raw_dir)
+    run(tmp, "git", "clone", "-q", str(ROOT), str(tmp / "first"))
+    return tmp / "first"
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_the_data(clone: Path, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
-    first, second = tmp_path / "first", tmp_path / "second"
-    run(tmp_path, "git", "clone", "-q", str(ROOT), str(first))
-    run(first, "dvc", "remote", "modify", "--local", "local", "url", str(remote))  # stand-in for the default
-    run(first, "dvc", "repro", "prepare")  # ingest, then prepare
-    run(first, "dvc", "push", "ingest", "prepare")
+    second = tmp_path / "second"
+    run(clone, "dvc", "remote", "modify", "--local", "local", "url", str(remote))  # stand-in for the default
+    run(clone, "dvc", "repro", "prepare")  # ingest, then prepare
+    run(clone, "dvc", "push", "ingest", "prepare")
 
     run(tmp_path, "git", "clone", "-q", str(ROOT), str(second))
-    shutil.copy(first / "dvc.lock", second / "dvc.lock")  # what `git commit dvc.lock` after the repro carries
+    shutil.copy(clone / "dvc.lock", second / "dvc.lock")  # what `git commit dvc.lock` after the repro carries
     run(second, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
     run(second, "dvc", "pull", "ingest", "prepare")
     for folder in ("data/raw", "data/prepared"):
-        assert digests(second / folder) == digests(first / folder) != {}
+        assert digests(second / folder) == digests(clone / folder) != {}
     assert "up to date" in run(second, "dvc", "status", "ingest", "prepare").lower()
+
+
+# One client step on capped data: the real model and pipeline, about a minute per experiment.
+QUICK = ("federation.rounds=1", "federation.local_steps=1", "federation.batch_size=16",
+         "data.max_validation_examples=16", "data.max_test_examples=32")
+
+
+def test_dvc_experiments_compare_epsilon_and_results(clone: Path) -> None:
+    for name, epsilon in (("eps4", 4), ("eps2", 2)):
+        sets = [arg for value in (f"privacy.target_epsilon={epsilon}", *QUICK) for arg in ("-S", value)]
+        run(clone, "dvc", "exp", "run", "-q", "-n", name, *sets)
+    shown = json.loads(run(clone, "dvc", "exp", "show", "--json"))
+    results = {
+        exp["name"]: exp["data"]
+        for commit in shown
+        for branch in commit.get("experiments") or []
+        for exp in branch["revs"]
+    }
+    for name, epsilon in (("eps4", 4), ("eps2", 2)):
+        data = results[name]
+        assert data["params"]["params.yaml"]["data"]["privacy"]["target_epsilon"] == epsilon
+        summary = data["metrics"]["outputs/fpb-demo/summary.json"]["data"]
+        assert 0.9 * epsilon < summary["epsilon"] <= epsilon and summary["delta"] == 1e-5
+        assert 0 <= summary["test_accuracy"] <= 1 and summary["privacy_mode"] == "sample"
+    diff = json.loads(run(clone, "dvc", "params", "diff", "eps4", "eps2", "--json"))
+    assert diff["params.yaml"]["privacy.target_epsilon"] | {"diff": None} == {"old": 4, "new": 2, "diff": None}
+    metrics = json.loads(run(clone, "dvc", "metrics", "show", "--json"))  # the workspace holds the last one
+    assert metrics[""]["data"]["outputs/fpb-demo/summary.json"]["data"]["epsilon"] <= 2
