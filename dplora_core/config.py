@@ -131,6 +131,11 @@ class FederationConfig(_Strict):
     dirichlet_alpha: float = Field(
         0.5, gt=0, description="Concentration of partition dirichlet and quantity: smaller is more skewed."
     )
+    upload_codec: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description="How a client's update travels, after the DP noise (post-processing): float32, float16, "
+        "or int8 per-row with unbiased stochastic rounding.",
+    )
     seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
     min_clients: int | None = Field(
         None, ge=1, description="Quorum: a round is applied if this many of its clients succeed (None: all)."

@@ -24,6 +24,7 @@ from dplora_core.adapters import (
     upload_state,
 )
 from dplora_core.batching import Encoded, encode
+from dplora_core.compression import decode_update, encode_update
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import Example
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
@@ -154,8 +155,9 @@ def local_update(
         dp = PaperDpParams(noise_multiplier, p.max_grad_norm)
     seed = f.seed if p.mode == "none" else p.noise_seed
     generator = noise_generator(seed, round_num, client_id, device=device)
+    start = from_bytes(global_model.adapter, source="global adapter")
     with ws.lock:
-        load_adapter_state(ws.model, from_bytes(global_model.adapter, source="global adapter"), source="global adapter")
+        load_adapter_state(ws.model, start, source="global adapter")
         result = train_local(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
@@ -166,7 +168,11 @@ def local_update(
         state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
     run_logger().info("client %d trained round %d in process %d on %s", client_id, round_num, os.getpid(), device)
     return ClientUpdate(
-        client_id=client_id, round=round_num, num_examples=len(data), adapter=to_bytes(state),
+        client_id=client_id, round=round_num, num_examples=len(data),
+        adapter=to_bytes(  # after the noise: post-processing
+            encode_update(state, upload_state(start, freeze_a=cfg.lora.freeze_a), codec=f.upload_codec,
+                          generator=generator)
+        ),
         # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.
         train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run,
     )
@@ -186,13 +192,15 @@ def _checked_states(
     """(current global adapter, its uploaded part, each client's adapter checked against it)."""
     current = from_bytes(global_model.adapter, source="global adapter")
     reference = upload_state(current, freeze_a=cfg.lora.freeze_a)
-    return current, reference, [_checked_update(u, reference) for u in updates]
+    return current, reference, [_checked_update(cfg, u, reference) for u in updates]
 
 
-def _checked_update(update: ClientUpdate, reference: AdapterState) -> AdapterState:
-    """The client's adapter, or AdapterError naming the client: unreadable, wrong keys or shapes, non-finite."""
+def _checked_update(cfg: ExperimentConfig, update: ClientUpdate, reference: AdapterState) -> AdapterState:
+    """The client's adapter, or AdapterError naming the client: unreadable, not in the upload codec's form,
+    wrong keys or shapes, non-finite."""
     source = f"client {update.client_id} update, round {update.round}"
-    state = from_bytes(update.adapter, source=source)
+    payload = from_bytes(update.adapter, source=source)
+    state = decode_update(payload, reference, codec=cfg.federation.upload_codec, source=source)
     check_adapter(state, reference, source=source)
     return state
 
@@ -208,7 +216,7 @@ def screen_updates(
     rejected: dict[int, str] = {}
     for u in updates:
         try:
-            _checked_update(u, reference)
+            _checked_update(cfg, u, reference)
             if cfg.privacy.mode in ("sample", "paper") and u.dp_run != planned.get(u.client_id):
                 raise AdapterError(
                     f"client {u.client_id} update, round {u.round}: reported DP run {u.dp_run}, "

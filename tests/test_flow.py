@@ -270,3 +270,16 @@ def test_progress_bars_show_rounds_clients_and_the_named_epsilon_on_a_terminal(
     shown = terminal.getvalue()
     assert "rounds: 100%" in shown and "round 1 clients:" in shown  # the clients bar clears itself when done
     assert "(record-level, rdp, delta 0.001)" in shown
+
+
+def test_int8_uploads_train_under_the_same_guarantee_and_cost_fewer_bytes(
+    finished, tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    cfg, float32 = finished
+    int8 = dplora_pipeline(tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__upload_codec="int8"))
+    assert int8["bytes"]["down"] == float32["bytes"]["down"]  # the global adapter still travels in float32
+    # tiny tensors: the safetensors header (key names) dominates; real LoRA shapes in test_compression
+    assert int8["bytes"]["up"] < 0.9 * float32["bytes"]["up"]
+    assert 0.9 * 8.0 < int8["privacy"]["epsilon"] <= 8.0  # post-processing: the same guarantee
+    final = from_bytes((tmp_path / "outputs" / cfg.name / "adapter.safetensors").read_bytes(), source="test")
+    assert all(v.dtype == torch.float32 for v in final.values())
