@@ -338,8 +338,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path}: invalid config"]
-        for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {field}: {e['msg']}")
-        raise ConfigError("\n".join(lines)) from err
+        raise ConfigError(describe_errors(f"{path}: invalid config", err)) from err
+
+
+def describe_errors(title: str, err: ValidationError) -> str:
+    """`title`, then one line per bad field: 'privacy.delta: Input should be ...'."""
+    lines = [title]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)

@@ -202,7 +202,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def study_main(path: Path) -> int:
+    """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
+    import yaml
+
+    from dplora_core.study import expand, load_study
+
+    try:
+        study = load_study(path)
+        base = load_config(study.base)  # names the base file and field
+        cells = expand(study, yaml.safe_load(Path(study.base).read_text(encoding="utf-8")))
+    except ConfigError as err:
+        print(f"dplora study: {err}", file=sys.stderr)
+        return 2
+    if base.model.gguf_file is not None:
+        from dplora_core.model import convert_gguf
+
+        convert_gguf(base.model)
+    if not Path(base.data.raw_dir).exists():
+        cmd_ingest(base, argparse.Namespace(source=DEFAULT_SOURCE))
+    from flows.study import run_study
+
+    results = run_study(study)
+    print(f"study {study.name}: {len(results['rows'])} of {len(cells)} runs finished"
+          + (f"; failed: {', '.join(results['failed'])}" if results["failed"] else ""))
+    return 1 if results["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["study"]:
+        study_args = argparse.ArgumentParser(
+            prog="dplora study", description="run a grid of experiments over seeds (configs/study-*.yaml); "
+            "finished runs are skipped, results go to outputs/<study>/results.json and the study's results_doc",
+        )
+        study_args.add_argument("study", type=Path, help="study YAML: name, base, seeds, axes, exclude, results_doc")
+        return study_main(study_args.parse_args((argv if argv is not None else sys.argv[1:])[1:]).study)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -1,0 +1,133 @@
+"""`dplora study`: run a grid of experiments (dplora_core.study), skip the finished ones, tabulate the results.
+
+Each cell is one `dplora-pipeline` subflow with its own run directory, MLflow run and guarantee. A
+killed study resumes where it stopped: finished cells are read back, the interrupted one continues
+from its last checkpoint. The results go to `outputs/<study>/results.json` and, if `results_doc` is
+set, into that markdown file between the study's markers, so a document's numbers always come
+from the command that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+
+from dplora_core.config import ExperimentConfig
+from dplora_core.io import atomic_write
+from dplora_core.study import Cell, StudyConfig, expand, summarise
+from flows.pipeline import dplora_pipeline
+
+NUMBERS = ("test_accuracy", "test_macro_f1", "zero_shot_accuracy", "majority_class_accuracy", "epsilon",
+           "upload_bytes_per_client_round", "train_seconds")
+
+
+def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The metrics of a run that finished with exactly this config, else None."""
+    metrics, training = cfg.run_dir / "metrics.json", cfg.run_dir / "training.json"
+    if not (metrics.is_file() and training.is_file()):
+        return None
+    if json.loads(training.read_text())["config"] != cfg.model_dump(mode="json"):
+        return None
+    result: dict[str, Any] = json.loads(metrics.read_text())
+    return result
+
+
+def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One cell's numbers and guarantee, flat."""
+    test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
+    f = cell.config.federation
+    uploads = metrics["rounds"] * f.clients_per_round
+    return {
+        "name": cell.config.name,
+        "levels": cell.levels,
+        "seed": cell.seed,
+        "test_accuracy": test["final"]["accuracy"],
+        "test_macro_f1": test["final"]["macro_f1"],
+        "zero_shot_accuracy": test["zero_shot"]["accuracy"],
+        "majority_class_accuracy": test["majority_class_accuracy"],
+        "epsilon": priv["epsilon"],
+        "delta": priv["delta"] if priv["mode"] != "none" else None,
+        "privacy_mode": priv["mode"],
+        "guarantee": priv["guarantee"],
+        # mode client keeps participation on the server, so per-upload bytes are not in its outputs
+        "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None else None,
+        "train_seconds": metrics["train_seconds"],
+    }
+
+
+@flow(name="dplora-study")
+def run_study(study: StudyConfig) -> dict[str, Any]:
+    """Every cell x seed of the study, finished ones read back; results.json and the document section."""
+    log = get_run_logger()
+    base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
+    cells = expand(study, base)
+    rows, failed = [], {}
+    for i, cell in enumerate(cells, 1):
+        metrics = finished_metrics(cell.config)
+        if metrics is None:
+            log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
+            start = time.monotonic()
+            try:
+                metrics = dplora_pipeline(cell.config, resume=True)
+            except Exception as err:  # one failed cell must not lose the others; it is listed and re-run next time
+                failed[cell.config.name] = f"{type(err).__name__}: {err}"
+                log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
+                continue
+            log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
+        rows.append(result_row(cell, metrics))
+    results = {"study": study.model_dump(mode="json"), "rows": rows, "failed": failed,
+               "summary": summarise(rows, NUMBERS)}
+    out = Path(base.get("tracking", {}).get("output_dir", "outputs")) / study.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+    if study.results_doc:
+        write_section(Path(study.results_doc), study.name, results_table(results))
+    return results
+
+
+def fmt(value: tuple[float, float] | None, digits: int = 3) -> str:
+    """mean ± sd, or mean alone for one seed, or '-'."""
+    if value is None:
+        return "-"
+    mean, sd = value
+    return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per grid cell, mean ± sd over seeds, the guarantee's mode and delta named."""
+    rows = results["rows"]
+    axes = list(results["study"]["axes"])
+    header = [*axes, "seeds", "test accuracy", "macro-F1", "zero-shot acc.", "majority acc.", "epsilon (mode, delta)",
+              "upload B / client / round", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    mode_delta = {tuple(r["levels"].values()): (r["privacy_mode"], r["delta"]) for r in rows}
+    for s in results["summary"]:
+        mode, delta = mode_delta[tuple(s["levels"].values())]
+        eps = "∞ (no DP)" if mode == "none" else f"{fmt(s['epsilon'], 2)} ({mode}, δ={delta:g})"
+        up = "-" if s["upload_bytes_per_client_round"] is None else f"{s['upload_bytes_per_client_round'][0]:,.0f}"
+        lines.append("| " + " | ".join([
+            *s["levels"].values(), str(s["n"]), fmt(s["test_accuracy"]), fmt(s["test_macro_f1"]),
+            fmt(s["zero_shot_accuracy"]), fmt(s["majority_class_accuracy"]), eps, up, fmt(s["train_seconds"], 0),
+        ]) + " |")
+    if results["failed"]:
+        lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace the text between `<!-- study:NAME -->` and `<!-- /study:NAME -->` in `doc` (appended if absent)."""
+    begin, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(doc, text.encode())

@@ -1,0 +1,97 @@
+"""`dplora study`: the grid, resumability, and the document section written from the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flows.study
+from dplora_core.config import ConfigError
+from dplora_core.study import StudyConfig, expand, summarise
+from flows.cli import main
+from flows.study import run_study, write_section
+from tests.helpers import tiny_config
+
+BASE = {"name": "base", "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-5}}
+AXES = {
+    "partition": {"iid": {}, "dir": {"federation.partition": "dirichlet", "federation.dirichlet_alpha": 0.5}},
+    "privacy": {"eps4": {"privacy.target_epsilon": 4}, "nodp": {"privacy.mode": "none"}},
+}
+
+
+def test_the_grid_is_the_product_of_the_axes_times_the_seeds_minus_exclusions() -> None:
+    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES, exclude=({"partition": "dir",
+                                                                                     "privacy": "nodp"},))
+    cells = expand(study, BASE)
+    assert [c.config.name for c in cells] == [
+        "s-iid-eps4-s0", "s-iid-eps4-s1", "s-iid-nodp-s0", "s-iid-nodp-s1", "s-dir-eps4-s0", "s-dir-eps4-s1",
+    ]
+    dir_eps4 = cells[4].config
+    assert dir_eps4.federation.partition == "dirichlet" and dir_eps4.privacy.target_epsilon == 4
+    assert [c.config.federation.seed for c in cells[:2]] == [0, 1]
+    assert cells[2].config.privacy.mode == "none"
+
+
+def test_a_bad_override_names_the_cell_and_the_field() -> None:
+    study = StudyConfig(name="s", base="b.yaml", axes={"privacy": {"bad": {"privacy.target_epsilon": -1}}})
+    message = r"cell s-bad-s0: invalid config\n  privacy.target_epsilon: Input should be greater than 0"
+    with pytest.raises(ConfigError, match=message):
+        expand(study, BASE)
+
+
+def test_an_exclusion_naming_an_unknown_level_is_refused() -> None:
+    with pytest.raises(ValueError, match="exclude: privacy=eps9"):
+        StudyConfig(name="s", base="b.yaml", axes=AXES, exclude=({"privacy": "eps9"},))
+
+
+def test_summary_gives_mean_and_sample_sd_per_cell() -> None:
+    rows = [{"levels": {"a": "x"}, "acc": v} for v in (0.5, 0.7)] + [{"levels": {"a": "y"}, "acc": 0.9}]
+    (x, y) = summarise(rows, ("acc",))
+    assert x["n"] == 2 and x["acc"][0] == pytest.approx(0.6) and x["acc"][1] == pytest.approx(0.1414, abs=1e-4)
+    assert y["n"] == 1 and y["acc"][0] == 0.9
+
+
+def test_a_study_config_error_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "base": str(base), "axes": {"p": {"x": {"lora.rank": 0}}}}))
+    assert main(["study", str(study)]) == 2
+    assert "s-x-s0" in capsys.readouterr().err and not (tmp_path / "outputs").exists()
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose\n\n<!-- study:a -->\nold\n<!-- /study:a -->\n\nmore prose\n")
+    write_section(doc, "a", "new table")
+    write_section(doc, "b", "other")
+    text = doc.read_text()
+    assert "old" not in text and "<!-- study:a -->\nnew table\n<!-- /study:a -->\n\nmore prose" in text
+    assert text.endswith("<!-- study:b -->\nother\n<!-- /study:b -->\n")
+
+
+def test_a_study_runs_its_cells_then_skips_them_when_run_again(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=1)
+                                   .model_dump(mode="json")))
+    doc = tmp_path / "results.md"
+    study = StudyConfig(name="t", base=str(base), seeds=(0, 1), results_doc=str(doc),
+                        axes={"privacy": {"eps8": {}, "nodp": {"privacy.mode": "none"}}})
+    results = run_study(study)
+    assert [r["name"] for r in results["rows"]] == ["t-eps8-s0", "t-eps8-s1", "t-nodp-s0", "t-nodp-s1"]
+    eps8, nodp = results["summary"]
+    assert eps8["n"] == 2 and 0.9 * 8 < eps8["epsilon"][0] <= 8 and nodp["epsilon"] is None
+    assert json.loads((tmp_path / "outputs" / "t" / "results.json").read_text())["rows"] == results["rows"]
+    table = doc.read_text()
+    assert "| eps8 | 2 |" in table and "(sample, δ=0.001)" in table and "∞ (no DP)" in table
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(flows.study, "dplora_pipeline", no_training)
+    assert run_study(study)["rows"] == results["rows"]
