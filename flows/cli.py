@@ -127,6 +127,15 @@ def cmd_audit(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     print(format_audit(privacy_audit(cfg, canaries=args.canaries)))
 
 
+def cmd_communication(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    from flows.communication import write_communication
+
+    if cfg.model.gguf_file is not None:
+        cmd_convert_model(cfg, args)
+    rows = write_communication(cfg, args.doc)
+    print(f"wrote {len(rows)} rows to the communication section of {args.doc}")
+
+
 COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None], str]] = {
     "run": (cmd_run, "the whole experiment: ingest (if needed), prepare, partition, federate, evaluate"),
     "ingest": (cmd_ingest, "copy the reference datasets into data.raw_dir, checking their md5"),
@@ -138,6 +147,8 @@ COMMANDS: dict[str, tuple[Callable[[ExperimentConfig, argparse.Namespace], None]
     "evaluate": (cmd_evaluate, "evaluate zero-shot and final adapter on the test split; print the table"),
     "show": (cmd_show, "print the results table of a finished experiment"),
     "report": (cmd_report, "markdown summary and PNG plots of the run, and utility against epsilon over all runs"),
+    "communication": (cmd_communication, "upload bytes per client and round: LoRA ranks, modules and codecs "
+                      "measured on the model, against full-model exchange and Llama-2-7B's shapes"),
     "audit": (cmd_audit, "membership-inference audit with canaries: attack AUC and empirical epsilon vs accountant"),
 }
 
@@ -197,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, default=Path("reports"), help="folder for summary.md and the PNGs")
         if name == "split-silos":
             p.add_argument("--out", type=Path, required=True, help="folder for one sub-folder per silo")
+        if name == "communication":
+            p.add_argument("--doc", type=Path, default=Path("docs/results.md"), help="markdown file to update")
         if name == "audit":
             p.add_argument("--canaries", type=positive_int, default=64, help="canaries planted (and as many held out)")
     return parser
