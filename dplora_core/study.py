@@ -32,6 +32,7 @@ class StudyConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every run's name.")
     base: str = Field(description="Experiment config YAML every run starts from.")
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="federation.seed of each repeat.")
+    common: Overrides = Field(default_factory=dict, description="Dotted overrides applied to every cell first.")
     axes: dict[str, dict[str, Overrides]] = Field(
         description="axis -> level -> dotted overrides; the grid is their product (insertion order)."
     )
@@ -100,7 +101,7 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
             continue
         for seed in study.seeds:
             tree = copy.deepcopy(base)
-            for _, overrides in combo:
+            for _, overrides in [("common", study.common), *combo]:
                 for dotted, value in overrides.items():
                     set_dotted(tree, dotted, value)
             set_dotted(tree, "federation.seed", seed)

@@ -23,9 +23,10 @@ AXES = {
 
 
 def test_the_grid_is_the_product_of_the_axes_times_the_seeds_minus_exclusions() -> None:
-    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES, exclude=({"partition": "dir",
-                                                                                     "privacy": "nodp"},))
+    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES, common={"federation.num_clients": 5,
+                        "federation.clients_per_round": 5}, exclude=({"partition": "dir", "privacy": "nodp"},))
     cells = expand(study, BASE)
+    assert {c.config.federation.num_clients for c in cells} == {5}
     assert [c.config.name for c in cells] == [
         "s-iid-eps4-s0", "s-iid-eps4-s1", "s-iid-nodp-s0", "s-iid-nodp-s1", "s-dir-eps4-s0", "s-dir-eps4-s1",
     ]
