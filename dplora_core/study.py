@@ -95,22 +95,22 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
     """Every cell x seed of the grid as a validated config; ConfigError names the cell and field."""
     cells: list[Cell] = []
     axes = list(study.axes.items())
-    for combo in itertools.product(*[list(levels.items()) for _, levels in axes]):
+    # seeds outermost: an interrupted study already has every cell once before any cell twice
+    for seed, combo in itertools.product(study.seeds, itertools.product(*[list(v.items()) for _, v in axes])):
         levels = {axis: level for (axis, _), (level, _) in zip(axes, combo, strict=True)}
         if any(all(levels.get(a) == lv for a, lv in rule.items()) for rule in study.exclude):
             continue
-        for seed in study.seeds:
-            tree = copy.deepcopy(base)
-            for _, overrides in [("common", study.common), *combo]:
-                for dotted, value in overrides.items():
-                    set_dotted(tree, dotted, value)
-            set_dotted(tree, "federation.seed", seed)
-            name = "-".join([study.name, *levels.values(), f"s{seed}"])
-            set_dotted(tree, "name", name)
-            try:
-                cells.append(Cell(levels, seed, ExperimentConfig.model_validate(tree)))
-            except ValidationError as err:
-                raise ConfigError(describe_errors(f"study {study.name}, cell {name}: invalid config", err)) from err
+        tree = copy.deepcopy(base)
+        for _, overrides in [("common", study.common), *combo]:
+            for dotted, value in overrides.items():
+                set_dotted(tree, dotted, value)
+        set_dotted(tree, "federation.seed", seed)
+        name = "-".join([study.name, *levels.values(), f"s{seed}"])
+        set_dotted(tree, "name", name)
+        try:
+            cells.append(Cell(levels, seed, ExperimentConfig.model_validate(tree)))
+        except ValidationError as err:
+            raise ConfigError(describe_errors(f"study {study.name}, cell {name}: invalid config", err)) from err
     return cells
 
 

@@ -124,3 +124,26 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_title("utility against privacy, all runs in the store", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def study_bars(summary: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
+    """Test accuracy and macro-F1 per study cell (mean, error bar one sample sd), zero-shot and majority marked."""
+    names = [" / ".join(s["levels"].values()) for s in summary]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2.5), 4.2))
+    xs = range(len(names))
+    for offset, key, label in ((-0.2, "test_accuracy", "test accuracy"), (0.2, "test_macro_f1", "test macro-F1")):
+        means = [s[key][0] if s[key] else math.nan for s in summary]
+        sds = [s[key][1] if s[key] and not math.isnan(s[key][1]) else 0.0 for s in summary]
+        ax.bar([x + offset for x in xs], means, width=0.4, yerr=sds, capsize=3, label=label)
+    for key, label, style in (("zero_shot_accuracy", "zero-shot accuracy", "--"),
+                              ("majority_class_accuracy", "always the majority class", ":")):
+        values = [s[key][0] for s in summary if s[key]]
+        if values:
+            ax.axhline(sum(values) / len(values), color="grey", linestyle=style, label=label)
+    ax.set_xticks(list(xs), names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center",
+                  fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("on the test split")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

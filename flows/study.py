@@ -22,6 +22,7 @@ from dplora_core.config import ExperimentConfig
 from dplora_core.io import atomic_write
 from dplora_core.study import Cell, StudyConfig, expand, summarise
 from flows.pipeline import dplora_pipeline
+from flows.plots import study_bars
 
 NUMBERS = ("test_accuracy", "test_macro_f1", "zero_shot_accuracy", "majority_class_accuracy", "epsilon",
            "upload_bytes_per_client_round", "train_seconds")
@@ -67,7 +68,8 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
     log = get_run_logger()
     base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
     cells = expand(study, base)
-    rows, failed = [], {}
+    rows: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         metrics = finished_metrics(cell.config)
         if metrics is None:
@@ -81,13 +83,17 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                 continue
             log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
         rows.append(result_row(cell, metrics))
-    results = {"study": study.model_dump(mode="json"), "rows": rows, "failed": failed,
+    results: dict[str, Any] = {"study": study.model_dump(mode="json"), "rows": rows, "failed": failed,
                "summary": summarise(rows, NUMBERS)}
     out = Path(base.get("tracking", {}).get("output_dir", "outputs")) / study.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     if study.results_doc:
-        write_section(Path(study.results_doc), study.name, results_table(results))
+        doc = Path(study.results_doc)
+        png = study_bars(results["summary"], doc.parent / "results" / f"{study.name}.png",
+                         title=f"study {study.name}: mean over seeds, bars one sample sd")
+        image = f"![{study.name}]({png.relative_to(doc.parent).as_posix()})\n\n"
+        write_section(doc, study.name, image + results_table(results))
     return results
 
 

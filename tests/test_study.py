@@ -28,12 +28,12 @@ def test_the_grid_is_the_product_of_the_axes_times_the_seeds_minus_exclusions() 
     cells = expand(study, BASE)
     assert {c.config.federation.num_clients for c in cells} == {5}
     assert [c.config.name for c in cells] == [
-        "s-iid-eps4-s0", "s-iid-eps4-s1", "s-iid-nodp-s0", "s-iid-nodp-s1", "s-dir-eps4-s0", "s-dir-eps4-s1",
+        "s-iid-eps4-s0", "s-iid-nodp-s0", "s-dir-eps4-s0", "s-iid-eps4-s1", "s-iid-nodp-s1", "s-dir-eps4-s1",
     ]
-    dir_eps4 = cells[4].config
+    dir_eps4 = cells[2].config
     assert dir_eps4.federation.partition == "dirichlet" and dir_eps4.privacy.target_epsilon == 4
-    assert [c.config.federation.seed for c in cells[:2]] == [0, 1]
-    assert cells[2].config.privacy.mode == "none"
+    assert [c.config.federation.seed for c in cells] == [0, 0, 0, 1, 1, 1]
+    assert cells[1].config.privacy.mode == "none"
 
 
 def test_a_bad_override_names_the_cell_and_the_field() -> None:
@@ -84,11 +84,12 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
     study = StudyConfig(name="t", base=str(base), seeds=(0, 1), results_doc=str(doc),
                         axes={"privacy": {"eps8": {}, "nodp": {"privacy.mode": "none"}}})
     results = run_study(study)
-    assert [r["name"] for r in results["rows"]] == ["t-eps8-s0", "t-eps8-s1", "t-nodp-s0", "t-nodp-s1"]
+    assert [r["name"] for r in results["rows"]] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1", "t-nodp-s1"]
     eps8, nodp = results["summary"]
     assert eps8["n"] == 2 and 0.9 * 8 < eps8["epsilon"][0] <= 8 and nodp["epsilon"] is None
     assert json.loads((tmp_path / "outputs" / "t" / "results.json").read_text())["rows"] == results["rows"]
     table = doc.read_text()
+    assert "![t](results/t.png)" in table and (tmp_path / "results" / "t.png").stat().st_size > 0
     assert "| eps8 | 2 |" in table and "(sample, δ=0.001)" in table and "∞ (no DP)" in table
 
     def no_training(*args: object, **kwargs: object) -> None:
