@@ -215,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars_off_terminal() -> None:
+    """transformers' loading bars only on a terminal, as ours (flows.federated.progress_bar)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def study_main(path: Path) -> int:
     """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
     import yaml
@@ -228,6 +236,7 @@ def study_main(path: Path) -> int:
     except ConfigError as err:
         print(f"dplora study: {err}", file=sys.stderr)
         return 2
+    quiet_progress_bars_off_terminal()
     if base.model.gguf_file is not None:
         from dplora_core.model import convert_gguf
 
@@ -267,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from dplora_core.adapters import AdapterError
     from dplora_core.data import DataError
 
-    if not sys.stderr.isatty():  # progress bars only on a terminal, as ours (flows.federated.progress_bar)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_progress_bars_off_terminal()
 
     try:
         COMMANDS[args.command][0](cfg, args)
