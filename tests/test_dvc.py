@@ -30,41 +30,29 @@ def digests(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh clone whose `ingest` stage finds the shared data where dvc.yaml looks (../shared/data)."""
-    tmp = tmp_path_factory.mktemp("dvc")
-    (tmp / "shared").mkdir()
-    (tmp / "shared" / "data").symlink_to(raw_dir)
-    run(tmp, "git", "clone", "-q", str(ROOT), str(tmp / "first"))
-    return tmp / "first"
-
-
-def test_push_then_pull_into_a_fresh_clone_restores_the_data(clone: Path, tmp_path: Path) -> None:
-    remote = tmp_path / "remote"
-    second = tmp_path / "second"
-    run(clone, "dvc", "remote", "modify", "--local", "local", "url", str(remote))  # stand-in for the default
-    run(clone, "dvc", "repro", "prepare")  # ingest, then prepare
-    run(clone, "dvc", "push", "ingest", "prepare")
-
-    run(tmp_path, "git", "clone", "-q", str(ROOT), str(second))
-    shutil.copy(clone / "dvc.lock", second / "dvc.lock")  # what `git commit dvc.lock` after the repro carries
-    run(second, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
-    run(second, "dvc", "pull", "ingest", "prepare")
-    for folder in ("data/raw", "data/prepared"):
-        assert digests(second / folder) == digests(clone / folder) != {}
-    assert "up to date" in run(second, "dvc", "status", "ingest", "prepare").lower()
-
-
 # One client step on capped data: the real model and pipeline, about a minute per experiment.
 QUICK = ("federation.rounds=1", "federation.local_steps=1", "federation.batch_size=16",
          "data.max_validation_examples=16", "data.max_test_examples=32")
+EXPERIMENTS = (("eps4", 4), ("eps2", 2))
+
+
+@pytest.fixture(scope="module")
+def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh clone, its `ingest` stage finding the shared data where dvc.yaml looks (../shared/data),
+    after two `dvc exp run`s of the whole pipeline; the workspace holds the last one (eps2)."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    (tmp / "shared").mkdir()
+    (tmp / "shared" / "data").symlink_to(raw_dir)
+    first = tmp / "first"
+    run(tmp, "git", "clone", "-q", str(ROOT), str(first))
+    run(first, "dvc", "remote", "modify", "--local", "local", "url", str(tmp / "remote"))  # stand-in for the default
+    for name, epsilon in EXPERIMENTS:
+        sets = [arg for value in (f"privacy.target_epsilon={epsilon}", *QUICK) for arg in ("-S", value)]
+        run(first, "dvc", "exp", "run", "-q", "-n", name, *sets)
+    return first
 
 
 def test_dvc_experiments_compare_epsilon_and_results(clone: Path) -> None:
-    for name, epsilon in (("eps4", 4), ("eps2", 2)):
-        sets = [arg for value in (f"privacy.target_epsilon={epsilon}", *QUICK) for arg in ("-S", value)]
-        run(clone, "dvc", "exp", "run", "-q", "-n", name, *sets)
     shown = json.loads(run(clone, "dvc", "exp", "show", "--json"))
     results = {
         exp["name"]: exp["data"]
@@ -72,7 +60,7 @@ def test_dvc_experiments_compare_epsilon_and_results(clone: Path) -> None:
         for branch in commit.get("experiments") or []
         for exp in branch["revs"]
     }
-    for name, epsilon in (("eps4", 4), ("eps2", 2)):
+    for name, epsilon in EXPERIMENTS:
         data = results[name]
         assert data["params"]["params.yaml"]["data"]["privacy"]["target_epsilon"] == epsilon
         summary = data["metrics"]["outputs/fpb-demo/summary.json"]["data"]
@@ -82,3 +70,20 @@ def test_dvc_experiments_compare_epsilon_and_results(clone: Path) -> None:
     assert diff["params.yaml"]["privacy.target_epsilon"] | {"diff": None} == {"old": 4, "new": 2, "diff": None}
     metrics = json.loads(run(clone, "dvc", "metrics", "show", "--json"))  # the workspace holds the last one
     assert metrics[""]["data"]["outputs/fpb-demo/summary.json"]["data"]["epsilon"] <= 2
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_data_and_outputs(clone: Path, tmp_path: Path) -> None:
+    run(clone, "dvc", "push")
+    second = tmp_path / "second"
+    run(tmp_path, "git", "clone", "-q", str(ROOT), str(second))
+    for committed in ("dvc.lock", "params.yaml", "outputs/fpb-demo/summary.json"):  # what `git commit` carries
+        (second / committed).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clone / committed, second / committed)
+    shutil.copy(clone / ".dvc" / "config.local", second / ".dvc" / "config.local")
+    run(second, "dvc", "pull")
+    for folder in ("data/raw", "data/prepared", "reports"):
+        assert digests(second / folder) == digests(clone / folder) != {}, folder
+    outputs = ("partition.json", "adapter.safetensors", "training.json", "metrics.json")  # the stages' outs
+    for name in outputs:
+        assert digests(second / "outputs/fpb-demo")[name] == digests(clone / "outputs/fpb-demo")[name], name
+    assert "up to date" in run(second, "dvc", "status").lower()
