@@ -64,7 +64,8 @@ def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="dplora-study")
 def run_study(study: StudyConfig) -> dict[str, Any]:
-    """Every cell x seed of the study, finished ones read back; results.json and the document section."""
+    """Every cell x seed of the study, finished ones read back; results.json and the document section,
+    rewritten after each run so that an interrupted study still shows what it has."""
     log = get_run_logger()
     base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
     cells = expand(study, base)
@@ -82,13 +83,23 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
                 log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
                 continue
             log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
-        rows.append(result_row(cell, metrics))
-    results: dict[str, Any] = {"study": study.model_dump(mode="json"), "rows": rows, "failed": failed,
-               "summary": summarise(rows, NUMBERS)}
-    out = Path(base.get("tracking", {}).get("output_dir", "outputs")) / study.name
+            rows.append(result_row(cell, metrics))
+            publish(study, Path(base.get("tracking", {}).get("output_dir", "outputs")), rows, failed, len(cells))
+        else:
+            rows.append(result_row(cell, metrics))
+    return publish(study, Path(base.get("tracking", {}).get("output_dir", "outputs")), rows, failed, len(cells))
+
+
+def publish(
+    study: StudyConfig, output_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str], planned: int
+) -> dict[str, Any]:
+    """Write `output_dir/<study>/results.json` and, if set, the study's section of `results_doc` (table and PNG)."""
+    results: dict[str, Any] = {"study": study.model_dump(mode="json"), "planned": planned, "rows": rows,
+                               "failed": failed, "summary": summarise(rows, NUMBERS)}
+    out = output_dir / study.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
-    if study.results_doc:
+    if study.results_doc and rows:
         doc = Path(study.results_doc)
         png = study_bars(results["summary"], doc.parent / "results" / f"{study.name}.png",
                          title=f"study {study.name}: mean over seeds, bars one sample sd")
@@ -121,6 +132,9 @@ def results_table(results: dict[str, Any]) -> str:
             *s["levels"].values(), str(s["n"]), fmt(s["test_accuracy"]), fmt(s["test_macro_f1"]),
             fmt(s["zero_shot_accuracy"]), fmt(s["majority_class_accuracy"]), eps, up, fmt(s["train_seconds"], 0),
         ]) + " |")
+    done = len(rows)
+    if done < results["planned"]:
+        lines += ["", f"{done} of {results['planned']} runs finished so far (the command resumes the rest)."]
     if results["failed"]:
         lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
     return "\n".join(lines)

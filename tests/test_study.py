@@ -12,7 +12,7 @@ import flows.study
 from dplora_core.config import ConfigError
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
-from flows.study import run_study, write_section
+from flows.study import publish, run_study, write_section
 from tests.helpers import tiny_config
 
 BASE = {"name": "base", "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-5}}
@@ -97,3 +97,17 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
 
     monkeypatch.setattr(flows.study, "dplora_pipeline", no_training)
     assert run_study(study)["rows"] == results["rows"]
+
+
+def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    study = StudyConfig(name="p", base="b.yaml", seeds=(0, 1), results_doc=str(doc), axes={"privacy": {"eps8": {}}})
+    row = {"name": "p-eps8-s0", "levels": {"privacy": "eps8"}, "seed": 0, "test_accuracy": 0.7, "test_macro_f1": 0.5,
+           "zero_shot_accuracy": 0.36, "majority_class_accuracy": 0.59, "epsilon": 7.99, "delta": 1e-5,
+           "privacy_mode": "sample", "guarantee": "...", "upload_bytes_per_client_round": 125432.0,
+           "train_seconds": 700.0}
+    results = publish(study, tmp_path / "outputs", [row], {"p-eps8-s1": "RoundFailed: below quorum"}, planned=2)
+    text = doc.read_text()
+    assert "| eps8 | 1 | 0.700 | 0.500 | 0.360 | 0.590 | 7.99 (sample, δ=1e-05) | 125,432 | 700 |" in text
+    assert "1 of 2 runs finished so far" in text and "Failed cells (re-run the command to retry): p-eps8-s1" in text
+    assert json.loads((tmp_path / "outputs" / "p" / "results.json").read_text()) == json.loads(json.dumps(results))
