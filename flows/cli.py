@@ -223,7 +223,7 @@ def quiet_progress_bars_off_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
-def study_main(path: Path) -> int:
+def study_main(path: Path, run_missing: bool = True) -> int:
     """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
     import yaml
 
@@ -245,10 +245,10 @@ def study_main(path: Path) -> int:
         cmd_ingest(base, argparse.Namespace(source=DEFAULT_SOURCE))
     from flows.study import run_study
 
-    results = run_study(study)
+    results = run_study(study, run_missing=run_missing)
     print(f"study {study.name}: {len(results['rows'])} of {len(cells)} runs finished"
           + (f"; failed: {', '.join(results['failed'])}" if results["failed"] else ""))
-    return 1 if results["failed"] else 0
+    return 1 if results["failed"] or (run_missing and len(results["rows"]) < len(cells)) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             "finished runs are skipped, results go to outputs/<study>/results.json and the study's results_doc",
         )
         study_args.add_argument("study", type=Path, help="study YAML: name, base, seeds, axes, exclude, results_doc")
-        return study_main(study_args.parse_args((argv if argv is not None else sys.argv[1:])[1:]).study)
+        study_args.add_argument("--no-run", action="store_true", help="only tabulate the runs already finished")
+        parsed = study_args.parse_args((argv if argv is not None else sys.argv[1:])[1:])
+        return study_main(parsed.study, run_missing=not parsed.no_run)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

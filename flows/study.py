@@ -63,9 +63,10 @@ def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="dplora-study")
-def run_study(study: StudyConfig) -> dict[str, Any]:
+def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
     """Every cell x seed of the study, finished ones read back; results.json and the document section,
-    rewritten after each run so that an interrupted study still shows what it has."""
+    rewritten after each run so that an interrupted study still shows what it has. `run_missing=False`
+    only tabulates the finished runs."""
     log = get_run_logger()
     base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
     cells = expand(study, base)
@@ -73,6 +74,8 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         metrics = finished_metrics(cell.config)
+        if metrics is None and not run_missing:
+            continue
         if metrics is None:
             log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
             start = time.monotonic()

@@ -97,6 +97,9 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
 
     monkeypatch.setattr(flows.study, "dplora_pipeline", no_training)
     assert run_study(study)["rows"] == results["rows"]
+    (tmp_path / "outputs" / "t-nodp-s1" / "metrics.json").unlink()
+    assert [r["name"] for r in run_study(study, run_missing=False)["rows"]] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1"]
+    assert "3 of 4 runs finished so far" in doc.read_text()
 
 
 def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
