@@ -6,9 +6,10 @@ global adapter the client started from, which both sides hold and whose range is
 its own scale, rounding stochastically so the decoded update is unbiased (E[decode(encode(x))] = x;
 Alistarh et al., QSGD, NeurIPS 2017, Lemma 3.1).
 
-Privacy: encoding runs on the already-noised adapter, with no further access to the client's data,
-so it is post-processing (Dwork & Roth 2014, Proposition 2.1) and keeps the guarantee. The rounding
-draws from the client's explicit `torch.Generator`, never the global RNG.
+Privacy: in modes `sample` and `paper`, encoding runs on the already-noised adapter, with no further
+access to the client's data, so it is post-processing (Dwork & Roth 2014, Proposition 2.1). In mode
+`client` the server decodes, then clips and noises the update, so the clip still bounds each client's
+contribution. The rounding draws from the client's explicit `torch.Generator`, never the global RNG.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def quantize_int8(x: torch.Tensor, *, generator: torch.Generator) -> tuple[torch
     """(q, scale): x ≈ q * scale per slice, q in [-127, 127], stochastic rounding (unbiased)."""
     rows = _slices(x)  # (n, m)
     scale = rows.abs().amax(dim=1, keepdim=True) / INT8_MAX  # (n, 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # a NaN/inf stays, for the server to reject
     scaled = rows / scale  # (n, m), in [-127, 127]
     floor = scaled.floor()
-    up = torch.rand(scaled.shape, generator=generator, device=scaled.device) < (scaled - floor)
+    u = torch.rand(scaled.shape, generator=generator, device=generator.device).to(scaled.device)  # (n, m)
+    up = u < (scaled - floor)
     q = (floor + up.to(scaled.dtype)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return _unslice(q, x.shape).contiguous(), scale.reshape(-1)
 

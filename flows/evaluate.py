@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -24,7 +25,8 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     for path in (training_path, adapter_path):
         if not path.is_file():
             raise DataError(f"{path}: not found (run `dplora federate` first)")
-    training = json.loads(training_path.read_text())
+    training_bytes = training_path.read_bytes()
+    training = json.loads(training_bytes)
     zero_shot = evaluate(config, None, "test")
     final = evaluate(config, adapter_path.read_bytes(), "test")
     _, gold, label_ids = eval_prompts(config, "test")
@@ -40,6 +42,7 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "num_clients": training["num_clients"],
         "train_seconds": training["train_seconds"],
         "mlflow_run_id": training["mlflow_run_id"],
+        "training_sha256": hashlib.sha256(training_bytes).hexdigest(),  # which training these numbers evaluate
     }
     version = register_final_adapter(config, training["mlflow_run_id"], adapter_path, metrics["privacy"])
     metrics["registered_model"] = {"name": registered_name(config), "version": version}

@@ -9,6 +9,7 @@ from the command that produced them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -29,13 +30,19 @@ NUMBERS = ("test_accuracy", "test_macro_f1", "zero_shot_accuracy", "majority_cla
 
 
 def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The metrics of a run that finished with exactly this config, else None."""
+    """The metrics of a run that finished with exactly this config (training.json's config) and were
+    computed from that very training.json (its sha256 in metrics.json), else None."""
     metrics, training = cfg.run_dir / "metrics.json", cfg.run_dir / "training.json"
     if not (metrics.is_file() and training.is_file()):
         return None
-    if json.loads(training.read_text())["config"] != cfg.model_dump(mode="json"):
+    training_bytes = training.read_bytes()
+    if json.loads(training_bytes)["config"] != cfg.model_dump(mode="json"):
         return None
     result: dict[str, Any] = json.loads(metrics.read_text())
+    if "training_sha256" not in result:  # written before metrics.json recorded it: at least evaluated after
+        return result if metrics.stat().st_mtime >= training.stat().st_mtime else None
+    if result["training_sha256"] != hashlib.sha256(training_bytes).hexdigest():
+        return None  # evaluated before the last training (e.g. a resume with more rounds stopped before evaluation)
     return result
 
 
@@ -57,7 +64,7 @@ def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
         "privacy_mode": priv["mode"],
         "guarantee": priv["guarantee"],
         # mode client keeps participation on the server, so per-upload bytes are not in its outputs
-        "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None else None,
+        "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None and uploads else None,
         "train_seconds": metrics["train_seconds"],
     }
 

@@ -83,3 +83,21 @@ def test_a_payload_not_in_the_codecs_form_is_refused_naming_the_client(tamper, m
     payload = encode_update(adapter(2), reference, codec="int8", generator=torch.Generator().manual_seed(0))
     with pytest.raises(AdapterError, match=f"client 3.*{message}"):
         decode_update(tamper(payload), reference, codec="int8", source="client 3")
+
+
+def test_int8_sends_one_scale_per_rank_slice_of_a_and_of_b() -> None:
+    reference = adapter(1)
+    payload = encode_update(adapter(2), reference, codec="int8", generator=torch.Generator().manual_seed(0))
+    assert {k: tuple(v.shape) for k, v in payload.items() if k.endswith(".scale")} == {
+        "base_model.model.layers.0.self_attn.q_proj.lora_A.weight.scale": (4,),  # A is (4, 576): per row
+        "base_model.model.layers.0.self_attn.q_proj.lora_B.weight.scale": (4,),  # B is (576, 4): per column
+    }
+
+
+def test_a_non_finite_update_is_refused_after_int8_too() -> None:
+    reference = adapter(1)
+    state = {k: v.clone() for k, v in adapter(2).items()}
+    state["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"][3, 1] = float("nan")
+    payload = encode_update(state, reference, codec="int8", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AdapterError, match=r"client 3.*finite scales"):
+        decode_update(payload, reference, codec="int8", source="client 3")

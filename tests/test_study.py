@@ -57,7 +57,7 @@ def test_summary_gives_mean_and_sample_sd_per_cell() -> None:
 
 def test_a_study_config_error_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(BASE))
+    base.write_text(yaml.safe_dump(BASE | {"tracking": {"output_dir": str(tmp_path / "outputs")}}))
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({"name": "s", "base": str(base), "axes": {"p": {"x": {"lora.rank": 0}}}}))
     assert main(["study", str(study)]) == 2
@@ -97,7 +97,8 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
 
     monkeypatch.setattr(flows.study, "dplora_pipeline", no_training)
     assert run_study(study)["rows"] == results["rows"]
-    (tmp_path / "outputs" / "t-nodp-s1" / "metrics.json").unlink()
+    training = tmp_path / "outputs" / "t-nodp-s1" / "training.json"
+    training.write_bytes(training.read_bytes() + b"\n")  # trained again since metrics.json was evaluated
     assert [r["name"] for r in run_study(study, run_missing=False)["rows"]] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1"]
     assert "3 of 4 runs finished so far" in doc.read_text()
 

@@ -32,7 +32,9 @@ def add_gaussian_noise(summed: torch.Tensor, *, std: float, generator: torch.Gen
     """summed + N(0, std^2 I), the noise drawn from `generator` (never the global RNG)."""
     if std == 0:
         return summed.clone()
-    return summed + std * torch.randn(summed.shape, generator=generator, device=summed.device, dtype=summed.dtype)
+    # drawn where the generator lives (the model's device), then moved to the tensor (an upload is a CPU copy)
+    noise = torch.randn(summed.shape, generator=generator, device=generator.device, dtype=summed.dtype)
+    return summed + std * noise.to(summed.device)
 
 
 def poisson_sample(n: int, rate: float, *, generator: torch.Generator) -> torch.Tensor:
