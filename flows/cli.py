@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dplora",
         description="Federated, differentially private LoRA fine-tuning of causal LMs, orchestrated by Prefect.",
+        epilog="also: dplora study STUDY.yaml [--no-run]  a grid of experiments over seeds (configs/study-*.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
