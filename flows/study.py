@@ -77,13 +77,13 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
     log = get_run_logger()
     base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
     cells = expand(study, base)
+    output_dir = Path(ExperimentConfig.model_validate(base).tracking.output_dir)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         metrics = finished_metrics(cell.config)
-        if metrics is None and not run_missing:
-            continue
-        if metrics is None:
+        ran = metrics is None and run_missing
+        if ran:
             log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
             start = time.monotonic()
             try:
@@ -93,11 +93,11 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
                 log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
                 continue
             log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
+        if metrics is not None:
             rows.append(result_row(cell, metrics))
-            publish(study, Path(base.get("tracking", {}).get("output_dir", "outputs")), rows, failed, len(cells))
-        else:
-            rows.append(result_row(cell, metrics))
-    return publish(study, Path(base.get("tracking", {}).get("output_dir", "outputs")), rows, failed, len(cells))
+        if ran:
+            publish(study, output_dir, rows, failed, len(cells))
+    return publish(study, output_dir, rows, failed, len(cells))
 
 
 def publish(
