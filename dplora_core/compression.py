@@ -21,25 +21,32 @@ import torch
 from dplora_core.adapters import AdapterError, AdapterState
 
 Codec = Literal["float32", "float16", "int8"]
-SCALE = ".scale"  # suffix of an int8 tensor's per-row scales
+SCALE = ".scale"  # suffix of an int8 tensor's per-slice scales
 INT8_MAX = 127
+
+
+def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """(a, b): a tensor of `shape` seen as a matrix (a 1-D tensor as one row)."""
+    rows = shape[0] if len(shape) > 1 else 1
+    return rows, shape.numel() // rows if rows else 0
 
 
 def _slices(x: torch.Tensor) -> torch.Tensor:
     """x as (n, m) with one row per scale: along the shorter side (LoRA's rank r), so the scales cost
     r floats, not one per input or output feature."""
-    x2 = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)  # (a, b)
-    return x2 if x2.shape[0] <= x2.shape[1] else x2.T  # (min(a, b), max(a, b))
+    a, b = _matrix_shape(x.shape)
+    return x.reshape(a, b) if a <= b else x.reshape(a, b).T  # (min(a, b), max(a, b))
 
 
 def _unslice(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    x2 = torch.empty(shape).reshape(shape[0], -1) if len(shape) > 1 else torch.empty(1, shape[0])
-    return (rows if x2.shape[0] <= x2.shape[1] else rows.T).reshape(shape)
+    """The inverse of `_slices`: (min(a, b), max(a, b)) back to `shape`."""
+    a, b = _matrix_shape(shape)
+    return (rows if a <= b else rows.T).reshape(shape)
 
 
 def scale_count(shape: torch.Size) -> int:
     """How many scales int8 sends for a tensor of `shape`."""
-    return _slices(torch.empty(shape)).shape[0]
+    return min(_matrix_shape(shape))
 
 
 def quantize_int8(x: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
