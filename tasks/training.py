@@ -169,7 +169,7 @@ def local_update(
     run_logger().info("client %d trained round %d in process %d on %s", client_id, round_num, os.getpid(), device)
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=len(data),
-        adapter=to_bytes(  # after the noise: post-processing
+        adapter=to_bytes(  # after any client-side noise: post-processing (mode client: the server clips it)
             encode_update(state, upload_state(start, freeze_a=cfg.lora.freeze_a), codec=f.upload_codec,
                           generator=generator)
         ),
