@@ -12,9 +12,23 @@ from dplora_core.config import ConfigError, ExperimentConfig, load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("study-"))
+STUDIES = sorted((ROOT / "configs").glob("study-*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
     assert isinstance(load_config(path), ExperimentConfig)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_expand_to_valid_configs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dplora_core.study import expand, load_study
+
+    monkeypatch.chdir(ROOT)  # a study's base path is relative to the project
+    study = load_study(path)
+    cells = expand(study, yaml.safe_load(Path(study.base).read_text()))
+    assert len(cells) >= len(study.seeds) and all(c.config.name.startswith(study.name) for c in cells)
 
 
 def write(tmp_path: Path, tree: dict) -> Path:
