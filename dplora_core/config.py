@@ -121,6 +121,9 @@ class FederationConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Expected logical batch size per step.")
     microbatch_size: int = Field(16, ge=1, description="Examples per forward/backward pass.")
     learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the local steps.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Local steps over which the learning rate ramps up linearly, every round (0: none)."
+    )
     loss: Literal["label_words", "lm"] = Field(
         "label_words",
         description="label_words: cross-entropy among the label words (what evaluation ranks); lm: full-vocabulary.",

@@ -179,6 +179,16 @@ def microbatch(items: Sequence[Encoded], size: int, *, pad_id: int, device: torc
     return [collate(items[i : i + size], pad_id=pad_id).to(device) for i in range(0, len(items), size)]
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """(step + 1) / (warmup_steps + 1), capped at 1: a linear ramp of the local learning rate.
+
+    Clients are stateless, so AdamW restarts every round, and its first bias-corrected steps move every
+    coordinate by about the full learning rate, signal or not (m/sqrt(v) = sign(g) at step 1). With few
+    local steps a round, those restarts undo progress; the ramp lets the moments settle first.
+    """
+    return min(1.0, (step + 1) / (warmup_steps + 1))
+
+
 def train_local(
     model: nn.Module,
     data: Sequence[Encoded],
@@ -191,12 +201,14 @@ def train_local(
     generator: torch.Generator,
     dp: DpSgdParams | PaperDpParams | None,
     label_ids: Sequence[int] | None = None,
+    warmup_steps: int = 0,
 ) -> LocalResult:
     """`steps` optimizer steps on the trainable (LoRA) weights of `model`.
 
     dp: DpSgdParams -> DP-SGD with Poisson batches and AdamW; PaperDpParams -> DP-LoRA Alg. 1
     (uniform batches of `batch_size`, plain SGD); None -> plain AdamW on uniform batches.
     label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
+    warmup_steps: the learning rate ramps up linearly over the first steps (see `warmup_factor`).
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -209,7 +221,9 @@ def train_local(
     n = len(data)
     loss_sum, seen = 0.0, 0
     grads = PerExampleGrads(trainable_linears(model)) if isinstance(dp, DpSgdParams) else None
-    for _ in range(steps):
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * warmup_factor(step, warmup_steps)
         if isinstance(dp, DpSgdParams):
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
         else:

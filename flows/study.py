@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
+from pydantic import ValidationError
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.io import atomic_write
@@ -36,7 +37,7 @@ def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
     if not (metrics.is_file() and training.is_file()):
         return None
     training_bytes = training.read_bytes()
-    if json.loads(training_bytes)["config"] != cfg.model_dump(mode="json"):
+    if not _same_config(json.loads(training_bytes)["config"], cfg):
         return None
     result: dict[str, Any] = json.loads(metrics.read_text())
     if "training_sha256" not in result:  # written before metrics.json recorded it: at least evaluated after
@@ -44,6 +45,14 @@ def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
     if result["training_sha256"] != hashlib.sha256(training_bytes).hexdigest():
         return None  # evaluated before the last training (e.g. a resume with more rounds stopped before evaluation)
     return result
+
+
+def _same_config(stored: dict[str, Any], cfg: ExperimentConfig) -> bool:
+    """Whether a stored config is `cfg`, once fields added since it was written take their defaults."""
+    try:
+        return ExperimentConfig.model_validate(stored).model_dump(mode="json") == cfg.model_dump(mode="json")
+    except ValidationError:
+        return False
 
 
 def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:

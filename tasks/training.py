@@ -161,7 +161,7 @@ def local_update(
         result = train_local(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
-            label_ids=label_ids_of(cfg) if f.loss == "label_words" else None,
+            label_ids=label_ids_of(cfg) if f.loss == "label_words" else None, warmup_steps=f.warmup_steps,
         )
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B

@@ -13,7 +13,15 @@ from dplora_core.model import attach_lora, init_lora_state, load_base_model
 from dplora_core.privacy import mechanisms as M
 from dplora_core.privacy.accountant import DpSgdRun
 from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
-from dplora_core.train import DpSgdParams, PaperDpParams, answer_nll, dp_gradients, plain_gradients, train_local
+from dplora_core.train import (
+    DpSgdParams,
+    PaperDpParams,
+    answer_nll,
+    dp_gradients,
+    plain_gradients,
+    train_local,
+    warmup_factor,
+)
 
 TEXTS = [
     ("company profit rose .", "positive"), ("sales fell eur million .", "negative"),
@@ -146,6 +154,26 @@ def test_dp_training_changes_only_lora_weights(tiny_model_dir: Path) -> None:
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+def test_warmup_ramps_linearly_then_holds() -> None:
+    assert [warmup_factor(t, 3) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_warmup_scales_the_first_adamw_step(tiny_model_dir: Path) -> None:
+    """AdamW's first step moves each weight by about lr (m/sqrt(v) = sign(g)); warm-up 1 halves it."""
+    moves = []
+    for warmup in (0, 1):
+        model, tok, data = setup(tiny_model_dir)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        train_local(model, data, steps=1, batch_size=4, microbatch_size=2, learning_rate=1e-2,
+                    pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), dp=None,
+                    warmup_steps=warmup)
+        moves.append(max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
+                         if n in before))
+    assert moves[0] == pytest.approx(1e-2, rel=1e-3)
+    assert moves[1] == pytest.approx(0.5e-2, rel=1e-3)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

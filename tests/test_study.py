@@ -12,7 +12,7 @@ import flows.study
 from dplora_core.config import ConfigError
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
-from flows.study import publish, run_study, write_section
+from flows.study import finished_metrics, publish, run_study, write_section
 from tests.helpers import tiny_config
 
 BASE = {"name": "base", "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-5}}
@@ -101,6 +101,21 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
     training.write_bytes(training.read_bytes() + b"\n")  # trained again since metrics.json was evaluated
     assert [r["name"] for r in run_study(study, run_missing=False)["rows"]] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1"]
     assert "3 of 4 runs finished so far" in doc.read_text()
+
+
+def test_a_run_from_before_a_new_config_field_still_counts(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    """A field added later with a default that keeps the old behaviour does not make finished runs stale."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    stored = cfg.model_dump(mode="json")
+    del stored["federation"]["warmup_steps"]
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "training.json").write_text(json.dumps({"config": stored}))
+    (cfg.run_dir / "metrics.json").write_text(json.dumps({"test": {}}))
+    assert finished_metrics(cfg) == {"test": {}}
+    assert finished_metrics(cfg.model_copy(update={"federation": cfg.federation.model_copy(
+        update={"warmup_steps": 2})})) is None
 
 
 def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
