@@ -40,12 +40,18 @@ class StudyConfig(BaseModel):
         (), description="Cells to skip, each as {axis: level, ...} (all must match)."
     )
     results_doc: str | None = Field(None, description="Markdown file whose study section is rewritten.")
+    frontier: str | None = Field(
+        None, description="Axis whose record-level DP levels are plotted as test accuracy against epsilon, "
+        "one line per level of the other axes (None: no frontier plot).",
+    )
 
     @model_validator(mode="after")
     def _axes_have_levels(self) -> StudyConfig:
         for axis, levels in self.axes.items():
             if not levels:
                 raise ValueError(f"axes.{axis}: needs at least one level")
+        if self.frontier is not None and self.frontier not in self.axes:
+            raise ValueError(f"frontier: {self.frontier} is not an axis")
         for rule in self.exclude:
             for axis, level in rule.items():
                 if level not in self.axes.get(axis, {}):

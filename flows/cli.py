@@ -226,14 +226,12 @@ def quiet_progress_bars_off_terminal() -> None:
 
 def study_main(path: Path, run_missing: bool = True) -> int:
     """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
-    import yaml
-
     from dplora_core.study import expand, load_study
 
     try:
         study = load_study(path)
         base = load_config(study.base)  # names the base file and field
-        cells = expand(study, yaml.safe_load(Path(study.base).read_text(encoding="utf-8")))
+        cells = expand(study, base.model_dump(mode="json"))
     except ConfigError as err:
         print(f"dplora study: {err}", file=sys.stderr)
         return 2

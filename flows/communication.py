@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from dplora_core.adapters import adapter_state, to_bytes, upload_state
 from dplora_core.communication import (
@@ -30,10 +31,12 @@ MODULE_SETS = {
 }
 
 
-def measured_upload_bytes(cfg: ExperimentConfig, lora: LoraConfig) -> dict[str, int]:
-    """Bytes of the safetensors payload a client sends, per codec, on the real model."""
-    model, _ = load_base_model(cfg.model)
-    state = upload_state(adapter_state(attach_lora(model, lora)), freeze_a=lora.freeze_a)
+def measured_upload_bytes(model: PreTrainedModel, lora: LoraConfig) -> dict[str, int]:
+    """Bytes of the safetensors payload a client sends, per codec, with `lora` on the real `model`
+    (attached, measured, then removed again: the model comes back unchanged)."""
+    peft_model = attach_lora(model, lora)
+    state = upload_state(adapter_state(peft_model), freeze_a=lora.freeze_a)
+    peft_model.unload()
     g = torch.Generator().manual_seed(0)
     return {codec: len(to_bytes(encode_update(state, state, codec=codec, generator=g)))
             for codec in ("float32", "float16", "int8")}
@@ -44,7 +47,8 @@ def communication_rows(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     model, _ = load_base_model(cfg.model)
     shapes = shape_model(model.config)
     full = full_parameters(shapes)
-    full_7b = full_parameters(shape_model(LLAMA2_7B))
+    shapes_7b = shape_model(LLAMA2_7B)
+    full_7b = full_parameters(shapes_7b)
     hidden = int(model.config.hidden_size)
     grid = [(f"{label}, all layers", LoraConfig(rank=rank, alpha=2 * rank, target_modules=modules, freeze_a=freeze_a))
             for label, modules in MODULE_SETS.items() for rank in RANKS for freeze_a in (False, True)]
@@ -58,8 +62,8 @@ def communication_rows(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             "parameters": lora_upload_parameters(shapes, freeze_a=lora.freeze_a, **kw),
             "paper_2nr": None if lora.freeze_a else 2 * hidden * lora.rank * len(lora_targets(
                 shapes, target_modules=lora.target_modules, last_n_layers=lora.last_n_layers)),
-            "bytes": measured_upload_bytes(cfg, lora), "full_model_bytes": full * 4,
-            "parameters_7b": lora_upload_parameters(shape_model(LLAMA2_7B), freeze_a=lora.freeze_a, **kw),
+            "bytes": measured_upload_bytes(model, lora), "full_model_bytes": full * 4,
+            "parameters_7b": lora_upload_parameters(shapes_7b, freeze_a=lora.freeze_a, **kw),
             "full_model_bytes_7b": full_7b * 4,
         })
     return rows

@@ -24,7 +24,13 @@ from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpo
 from dplora_core.config import ExperimentConfig, RunnerConfig
 from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
-from dplora_core.privacy.accountant import DpSgdRun, LedgerKind, PrivacyLedger, describe_guarantee
+from dplora_core.privacy.accountant import (
+    SHORT_RELATIONS,
+    DpSgdRun,
+    LedgerKind,
+    PrivacyLedger,
+    describe_guarantee,
+)
 from dplora_core.train import sample_rate
 from flows.report import label_histogram_plot
 from flows.runners import task_runner
@@ -278,7 +284,7 @@ def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
     budget = (
         describe_guarantee(mode=p.mode, epsilon=p.target_epsilon, delta=p.delta, kind=ledger_kind(cfg))
         if p.target_epsilon is not None
-        else f"no epsilon cap, delta {p.delta:g}"
+        else f"no epsilon cap ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
     )
     return f"budget {budget} after {cfg.federation.rounds} round(s); noise multiplier {', '.join(map(str, sigmas))}"
 
@@ -288,8 +294,7 @@ def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:
     p = cfg.privacy
     if p.mode == "none":
         return "no DP"
-    relation = {"sample": "record-level", "client": "client-level", "paper": "paper bound"}[p.mode]
-    return f"epsilon {epsilon:.2f} ({relation}, {ledger_kind(cfg)}, delta {p.delta:g})"
+    return f"epsilon {epsilon:.2f} ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
 
 
 def progress_bar(**kwargs: Any) -> tqdm[Any]:

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
+import matplotlib.ticker
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -146,4 +147,41 @@ def study_bars(summary: Sequence[dict[str, Any]], path: Path, *, title: str) -> 
     ax.set_ylabel("on the test split")
     ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def study_frontier(
+    summary: Sequence[dict[str, Any]], modes: dict[tuple[str, ...], str], axis: str, path: Path, *, title: str
+) -> Path:
+    """Test accuracy (mean, error bar one sample sd) against record-level epsilon: one line per level of
+    the other axes; that group's run without DP as a dashed line in its colour. Other modes' epsilons
+    bound other things (a client, a paper formula) and stay in the table, off this plot."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for s in summary:
+        groups.setdefault(tuple(v for a, v in s["levels"].items() if a != axis), []).append(s)
+    for i, (group, entries) in enumerate(groups.items()):
+        colour = f"C{i}"
+        label = " / ".join(group) or "record-level DP"
+        dp = sorted((s for s in entries if modes[tuple(s["levels"].values())] == "sample" and s["epsilon"]),
+                    key=lambda s: s["epsilon"][0])
+        if dp:
+            ax.errorbar([s["epsilon"][0] for s in dp], [s["test_accuracy"][0] for s in dp],
+                        yerr=[0.0 if math.isnan(s["test_accuracy"][1]) else s["test_accuracy"][1] for s in dp],
+                        color=colour, marker="o", capsize=3, label=label)
+        for s in entries:
+            if modes[tuple(s["levels"].values())] == "none":
+                ax.axhline(s["test_accuracy"][0], color=colour, linestyle="--", linewidth=1,
+                           label=f"{label}: no DP")
+    for key, label, style in (("zero_shot_accuracy", "zero-shot", "-."), ("majority_class_accuracy",
+                                                                           "always the majority class", ":")):
+        values = [s[key][0] for s in summary if s[key]]
+        if values:
+            ax.axhline(sum(values) / len(values), color="grey", linestyle=style, linewidth=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4, 8 rather than 2^k
+    ax.set_xlabel("epsilon, record-level (each run's delta and accountant: see the table)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

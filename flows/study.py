@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from dplora_core.config import ExperimentConfig
+from dplora_core.config import ExperimentConfig, load_config
 from dplora_core.io import atomic_write
+from dplora_core.privacy.accountant import SHORT_RELATIONS
 from dplora_core.study import Cell, StudyConfig, expand, summarise
 from flows.pipeline import dplora_pipeline
-from flows.plots import study_bars
+from flows.plots import study_bars, study_frontier
 
 NUMBERS = ("test_accuracy", "test_macro_f1", "zero_shot_accuracy", "majority_class_accuracy", "epsilon",
            "upload_bytes_per_client_round", "train_seconds")
@@ -71,6 +71,7 @@ def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
         "epsilon": priv["epsilon"],
         "delta": priv["delta"] if priv["mode"] != "none" else None,
         "privacy_mode": priv["mode"],
+        "accountant": priv["accountant"] if priv["mode"] != "none" else None,
         "guarantee": priv["guarantee"],
         # mode client keeps participation on the server, so per-upload bytes are not in its outputs
         "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None and uploads else None,
@@ -84,9 +85,9 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
     rewritten after each run so that an interrupted study still shows what it has. `run_missing=False`
     only tabulates the finished runs."""
     log = get_run_logger()
-    base = yaml.safe_load(Path(study.base).read_text(encoding="utf-8"))
-    cells = expand(study, base)
-    output_dir = Path(ExperimentConfig.model_validate(base).tracking.output_dir)
+    base = load_config(study.base)
+    cells = expand(study, base.model_dump(mode="json"))
+    output_dir = Path(base.tracking.output_dir)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
@@ -122,8 +123,15 @@ def publish(
         doc = Path(study.results_doc)
         png = study_bars(results["summary"], doc.parent / "results" / f"{study.name}.png",
                          title=f"study {study.name}: mean over seeds, bars one sample sd")
-        image = f"![{study.name}]({png.relative_to(doc.parent).as_posix()})\n\n"
-        write_section(doc, study.name, image + results_table(results))
+        images = [png]
+        modes = {tuple(r["levels"].values()): r["privacy_mode"] for r in rows}
+        if study.frontier is not None and "sample" in modes.values():
+            images.append(study_frontier(
+                results["summary"], modes, study.frontier, doc.parent / "results" / f"{study.name}-frontier.png",
+                title=f"study {study.name}: test accuracy against record-level epsilon, mean over seeds, bars one sd",
+            ))
+        links = "".join(f"![{p.stem}]({p.relative_to(doc.parent).as_posix()})\n" for p in images)
+        write_section(doc, study.name, links + "\n" + results_table(results))
     return results
 
 
@@ -136,16 +144,18 @@ def fmt(value: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per grid cell, mean ± sd over seeds, the guarantee's mode and delta named."""
+    """Markdown: one row per grid cell, mean ± sd over seeds, each epsilon's relation, accountant and delta named."""
     rows = results["rows"]
     axes = list(results["study"]["axes"])
-    header = [*axes, "seeds", "test accuracy", "macro-F1", "zero-shot acc.", "majority acc.", "epsilon (mode, delta)",
-              "upload B / client / round", "train s"]
+    header = [*axes, "seeds", "test accuracy", "macro-F1", "zero-shot acc.", "majority acc.",
+              "epsilon (relation, accountant, delta)", "upload B / client / round", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    mode_delta = {tuple(r["levels"].values()): (r["privacy_mode"], r["delta"]) for r in rows}
+    privacy = {tuple(r["levels"].values()): r for r in rows}
     for s in results["summary"]:
-        mode, delta = mode_delta[tuple(s["levels"].values())]
-        eps = "∞ (no DP)" if mode == "none" else f"{fmt(s['epsilon'], 2)} ({mode}, δ={delta:g})"
+        r = privacy[tuple(s["levels"].values())]
+        eps = "∞ (no DP)" if r["privacy_mode"] == "none" else (
+            f"{fmt(s['epsilon'], 2)} ({SHORT_RELATIONS[r['privacy_mode']]}, {r['accountant']}, δ={r['delta']:g})"
+        )
         up = "-" if s["upload_bytes_per_client_round"] is None else f"{s['upload_bytes_per_client_round'][0]:,.0f}"
         lines.append("| " + " | ".join([
             *s["levels"].values(), str(s["n"]), fmt(s["test_accuracy"]), fmt(s["test_macro_f1"]),

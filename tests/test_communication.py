@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from dplora_core.adapters import adapter_state, upload_state
 from dplora_core.communication import LLAMA2_7B, full_parameters, lora_upload_parameters, shape_model
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.model import attach_lora, load_base_model
+from flows.communication import measured_upload_bytes
 
 # SmolLM2-135M's published config.json (HuggingFaceTB/SmolLM2-135M-Instruct).
 SMOLLM2_135M = LlamaConfig(
@@ -39,3 +41,18 @@ def test_full_model_sizes_match_the_published_parameter_counts() -> None:
 
 def test_lora_r8_on_q_and_v_of_smollm2_is_the_guide_figure() -> None:
     assert lora_upload_parameters(shape_model(SMOLLM2_135M), rank=8, target_modules=("q_proj", "v_proj")) == 460_800
+
+
+def test_measuring_one_adapter_leaves_the_model_as_it_was(tiny_model_dir: Path) -> None:
+    model, _ = load_base_model(ModelConfig(path=str(tiny_model_dir), gguf_file=None))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wide = LoraConfig(rank=3, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), freeze_a=False)
+    narrow = LoraConfig(rank=2, target_modules=("q_proj",), last_n_layers=1, freeze_a=True)
+    first = measured_upload_bytes(model, narrow)
+    measured_upload_bytes(model, wide)
+    assert measured_upload_bytes(model, narrow) == first  # no adapter of the wide config left behind
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], p) for n, p in before.items())
+    counted = lora_upload_parameters(shape_model(model.config), rank=2, target_modules=("q_proj",), last_n_layers=1,
+                                     freeze_a=True)
+    assert 4 * counted < first["float32"] < 4 * counted + 1_000  # float32 numbers + the safetensors header

@@ -90,7 +90,7 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
     assert json.loads((tmp_path / "outputs" / "t" / "results.json").read_text())["rows"] == results["rows"]
     table = doc.read_text()
     assert "![t](results/t.png)" in table and (tmp_path / "results" / "t.png").stat().st_size > 0
-    assert "| eps8 | 2 |" in table and "(sample, δ=0.001)" in table and "∞ (no DP)" in table
+    assert "| eps8 | 2 |" in table and "(record-level, rdp, δ=0.001)" in table and "∞ (no DP)" in table
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished cell ran again")
@@ -123,10 +123,33 @@ def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
     study = StudyConfig(name="p", base="b.yaml", seeds=(0, 1), results_doc=str(doc), axes={"privacy": {"eps8": {}}})
     row = {"name": "p-eps8-s0", "levels": {"privacy": "eps8"}, "seed": 0, "test_accuracy": 0.7, "test_macro_f1": 0.5,
            "zero_shot_accuracy": 0.36, "majority_class_accuracy": 0.59, "epsilon": 7.99, "delta": 1e-5,
-           "privacy_mode": "sample", "guarantee": "...", "upload_bytes_per_client_round": 125432.0,
+           "privacy_mode": "sample", "accountant": "rdp", "guarantee": "...", "upload_bytes_per_client_round": 125432.0,
            "train_seconds": 700.0}
     results = publish(study, tmp_path / "outputs", [row], {"p-eps8-s1": "RoundFailed: below quorum"}, planned=2)
     text = doc.read_text()
-    assert "| eps8 | 1 | 0.700 | 0.500 | 0.360 | 0.590 | 7.99 (sample, δ=1e-05) | 125,432 | 700 |" in text
+    assert "| eps8 | 1 | 0.700 | 0.500 | 0.360 | 0.590 | 7.99 (record-level, rdp, δ=1e-05) | 125,432 | 700 |" in text
     assert "1 of 2 runs finished so far" in text and "Failed cells (re-run the command to retry): p-eps8-s1" in text
     assert json.loads((tmp_path / "outputs" / "p" / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    study = StudyConfig(name="f", base="b.yaml", results_doc=str(doc), frontier="privacy",
+                        axes={"partition": {"iid": {}}, "privacy": {"eps2": {}, "eps8": {}, "no-dp": {}}})
+
+    def row(level: str, epsilon: float | None, accuracy: float) -> dict[str, object]:
+        return {"name": f"f-iid-{level}-s0", "levels": {"partition": "iid", "privacy": level}, "seed": 0,
+                "test_accuracy": accuracy, "test_macro_f1": accuracy - 0.2, "zero_shot_accuracy": 0.36,
+                "majority_class_accuracy": 0.59, "epsilon": epsilon, "delta": 1e-5 if epsilon else None,
+                "privacy_mode": "sample" if epsilon else "none", "accountant": "rdp" if epsilon else None,
+                "guarantee": "...", "upload_bytes_per_client_round": 1.0, "train_seconds": 1.0}
+
+    publish(study, tmp_path / "outputs", [row("eps2", 1.99, 0.6), row("eps8", 7.99, 0.7), row("no-dp", None, 0.75)],
+            {}, planned=3)
+    assert "![f-frontier](results/f-frontier.png)" in doc.read_text()
+    assert (tmp_path / "results" / "f-frontier.png").stat().st_size > 0
+
+
+def test_a_frontier_must_be_one_of_the_axes() -> None:
+    with pytest.raises(ValueError, match="frontier: eps is not an axis"):
+        StudyConfig(name="f", base="b.yaml", frontier="eps", axes={"privacy": {"eps8": {}}})

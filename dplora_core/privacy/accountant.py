@@ -156,6 +156,8 @@ RELATIONS = {
     "none": "none: no differential privacy",
 }
 
+SHORT_RELATIONS = {"sample": "record-level", "client": "client-level", "paper": "paper bound", "none": "no DP"}
+
 MECHANISMS = {
     "sample": "Poisson-subsampled Gaussian DP-SGD; worst client",
     "client": "DP-FedAvg with Poisson-subsampled clients",
