@@ -57,10 +57,17 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     return Checkpoint(round=int(state.pop("round")), adapter=adapter, state=state)
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted config fields that differ between a checkpoint and the run resuming it, except resumable ones."""
-    keys = sorted(set(saved) | set(current))
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], added_defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Dotted config fields that differ between a checkpoint and the run resuming it, except resumable ones.
+
+    added_defaults: the default of each field the checkpoint predates; such a field left at its
+    default (the behaviour before it existed) is no change.
+    """
+    before = {**(added_defaults or {}), **saved}
+    keys = sorted(set(before) | set(current))
     return [
         k for k in keys
-        if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
+        if before.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_SECTIONS)
     ]

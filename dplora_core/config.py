@@ -6,11 +6,12 @@ stored in every output, nanoGPT style. YAML files in ``configs/`` are instances 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -310,6 +311,24 @@ class ExperimentConfig(_Strict):
     def flat(self) -> dict[str, Any]:
         """Flat dotted view, e.g. {'privacy.delta': 1e-05}, for MLflow params."""
         return dict(_flatten(self.model_dump(mode="json")))
+
+
+def field_defaults(dotted: Iterable[str]) -> dict[str, Any]:
+    """The JSON-mode default of each dotted ExperimentConfig field that has one, e.g. {'federation.warmup_steps': 0}."""
+    out: dict[str, Any] = {}
+    for name in dotted:
+        model: type[BaseModel] = ExperimentConfig
+        *sections, key = name.split(".")
+        for section in sections:
+            annotation = model.model_fields[section].annotation if section in model.model_fields else None
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break
+            model = annotation
+        else:
+            field = model.model_fields.get(key)
+            if field is not None and not field.is_required() and field.default_factory is None:
+                out[name] = TypeAdapter(Any).dump_python(field.default, mode="json")
+    return out
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -20,8 +20,14 @@ import numpy as np
 from prefect import flow, get_run_logger, unmapped
 from tqdm import tqdm
 
-from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
-from dplora_core.config import ExperimentConfig, RunnerConfig
+from dplora_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_changes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dplora_core.config import ExperimentConfig, RunnerConfig, field_defaults
 from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import (
@@ -149,6 +155,12 @@ def budget_guard(cfg: ExperimentConfig, state: RunState, events: dict[str, DpSgd
     return None
 
 
+def checkpoint_config_changes(cfg: ExperimentConfig, checkpoint: Checkpoint) -> list[str]:
+    """Fields of `cfg` that differ from the checkpoint's config and cannot change on resume."""
+    saved, current = checkpoint.state["config"], cfg.flat()
+    return config_changes(saved, current, field_defaults(k for k in current if k not in saved))
+
+
 def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, ExperimentRun]:
     """A fresh run, or the state of the latest checkpoint of this run (config unchanged but for rounds)."""
     checkpoint = load_checkpoint(cfg.run_dir / "checkpoint") if resume else None
@@ -160,7 +172,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         state = RunState(init_adapter(cfg), plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
         log_label_histograms(cfg, run)
         return state, run
-    changed = config_changes(checkpoint.state["config"], cfg.flat())
+    changed = checkpoint_config_changes(cfg, checkpoint)
     if changed:
         raise CheckpointError(
             f"{cfg.run_dir / 'checkpoint'}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"

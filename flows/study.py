@@ -19,10 +19,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
+from dplora_core.checkpoint import load_checkpoint
 from dplora_core.config import ExperimentConfig, load_config
 from dplora_core.io import atomic_write
 from dplora_core.privacy.accountant import SHORT_RELATIONS
 from dplora_core.study import Cell, StudyConfig, expand, summarise
+from flows.federated import checkpoint_config_changes
 from flows.pipeline import dplora_pipeline
 from flows.plots import study_bars, study_frontier
 
@@ -53,6 +55,17 @@ def _same_config(stored: dict[str, Any], cfg: ExperimentConfig) -> bool:
         return ExperimentConfig.model_validate(stored).model_dump(mode="json") == cfg.model_dump(mode="json")
     except ValidationError:
         return False
+
+
+def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
+    """Rename a run dir whose checkpoint has a config this cell cannot resume (the study was edited) to
+    `<run_dir>.superseded-<UTC time>`, so the cell starts afresh and nothing written is lost."""
+    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
+    if checkpoint is None or not checkpoint_config_changes(cfg, checkpoint):
+        return None
+    target = cfg.run_dir.with_name(f"{cfg.run_dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    cfg.run_dir.rename(target)
+    return target
 
 
 def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +108,9 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
         ran = metrics is None and run_missing
         if ran:
             log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
+            if superseded := set_aside_superseded(cell.config):
+                log.warning("study %s: %s was run with another config; moved to %s, starting afresh",
+                            study.name, cell.config.name, superseded)
             start = time.monotonic()
             try:
                 metrics = dplora_pipeline(cell.config, resume=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
+from dplora_core.config import field_defaults
 
 
 def test_latest_checkpoint_round_trips_and_older_adapters_are_dropped(tmp_path: Path) -> None:
@@ -38,3 +39,11 @@ def test_resume_may_change_rounds_and_tracking_only() -> None:
     saved = {"federation.rounds": 2, "lora.rank": 4, "tracking.output_dir": "a", "privacy.delta": 1e-5}
     assert config_changes(saved, saved | {"federation.rounds": 5, "tracking.output_dir": "b"}) == []
     assert config_changes(saved, saved | {"lora.rank": 8, "privacy.delta": 1e-6}) == ["lora.rank", "privacy.delta"]
+
+
+def test_a_field_added_after_the_checkpoint_is_no_change_at_its_default() -> None:
+    saved = {"lora.rank": 4}
+    added = field_defaults(["federation.warmup_steps"])
+    assert added == {"federation.warmup_steps": 0}
+    assert config_changes(saved, saved | {"federation.warmup_steps": 0}, added) == []
+    assert config_changes(saved, saved | {"federation.warmup_steps": 2}, added) == ["federation.warmup_steps"]

@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 import flows.study
+from dplora_core.checkpoint import load_checkpoint, save_checkpoint
 from dplora_core.config import ConfigError
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
-from flows.study import finished_metrics, publish, run_study, write_section
+from flows.study import finished_metrics, publish, run_study, set_aside_superseded, write_section
 from tests.helpers import tiny_config
 
 BASE = {"name": "base", "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-5}}
@@ -116,6 +117,18 @@ def test_a_run_from_before_a_new_config_field_still_counts(
     assert finished_metrics(cfg) == {"test": {}}
     assert finished_metrics(cfg.model_copy(update={"federation": cfg.federation.model_copy(
         update={"warmup_steps": 2})})) is None
+
+
+def test_a_run_of_an_edited_study_is_set_aside_not_resumed(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    save_checkpoint(cfg.run_dir / "checkpoint", round_num=1, adapter=b"a", state={"config": cfg.flat()})
+    assert set_aside_superseded(cfg) is None  # same config: resumed, left in place
+    edited = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"warmup_steps": 2})})
+    moved = set_aside_superseded(edited)
+    assert moved is not None and moved.name.startswith(f"{cfg.run_dir.name}.superseded-")
+    assert not cfg.run_dir.exists() and load_checkpoint(moved / "checkpoint") is not None
 
 
 def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
