@@ -28,8 +28,8 @@ from flows.federated import checkpoint_config_changes
 from flows.pipeline import dplora_pipeline
 from flows.plots import study_bars, study_frontier
 
-NUMBERS = ("test_accuracy", "test_macro_f1", "zero_shot_accuracy", "majority_class_accuracy", "epsilon",
-           "upload_bytes_per_client_round", "train_seconds")
+NUMBERS = ("val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "zero_shot_accuracy",
+           "majority_class_accuracy", "epsilon", "upload_bytes_per_client_round", "train_seconds")
 
 
 def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
@@ -71,12 +71,15 @@ def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
 def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
     """One cell's numbers and guarantee, flat."""
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
+    last = json.loads((cell.config.run_dir / "training.json").read_text())["history"][-1]  # the selection split
     f = cell.config.federation
     uploads = metrics["rounds"] * f.clients_per_round
     return {
         "name": cell.config.name,
         "levels": cell.levels,
         "seed": cell.seed,
+        "val_accuracy": last.get("val_accuracy"),
+        "val_loss": last.get("val_loss"),
         "test_accuracy": test["final"]["accuracy"],
         "test_macro_f1": test["final"]["macro_f1"],
         "zero_shot_accuracy": test["zero_shot"]["accuracy"],
@@ -160,10 +163,11 @@ def fmt(value: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per grid cell, mean ± sd over seeds, each epsilon's relation, accountant and delta named."""
+    """Markdown: one row per grid cell, mean ± sd over seeds, each epsilon's relation, accountant and delta named.
+    Validation (the last round's, on the capped validation split) is what to choose settings by; test is reported."""
     rows = results["rows"]
     axes = list(results["study"]["axes"])
-    header = [*axes, "seeds", "test accuracy", "macro-F1", "zero-shot acc.", "majority acc.",
+    header = [*axes, "seeds", "val acc.", "val loss", "test accuracy", "macro-F1", "zero-shot acc.", "majority acc.",
               "epsilon (relation, accountant, delta)", "upload B / client / round", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     privacy = {tuple(r["levels"].values()): r for r in rows}
@@ -174,7 +178,8 @@ def results_table(results: dict[str, Any]) -> str:
         )
         up = "-" if s["upload_bytes_per_client_round"] is None else f"{s['upload_bytes_per_client_round'][0]:,.0f}"
         lines.append("| " + " | ".join([
-            *s["levels"].values(), str(s["n"]), fmt(s["test_accuracy"]), fmt(s["test_macro_f1"]),
+            *s["levels"].values(), str(s["n"]), fmt(s["val_accuracy"]), fmt(s["val_loss"]),
+            fmt(s["test_accuracy"]), fmt(s["test_macro_f1"]),
             fmt(s["zero_shot_accuracy"]), fmt(s["majority_class_accuracy"]), eps, up, fmt(s["train_seconds"], 0),
         ]) + " |")
     done = len(rows)
