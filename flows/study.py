@@ -50,11 +50,13 @@ def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
 
 
 def _same_config(stored: dict[str, Any], cfg: ExperimentConfig) -> bool:
-    """Whether a stored config is `cfg`, once fields added since it was written take their defaults."""
+    """Whether a stored config trained what `cfg` would, once fields added since it was written take their
+    defaults; where runs are tracked (`tracking`) and which executor ran the clients (`runner`) do not count."""
     try:
-        return ExperimentConfig.model_validate(stored).model_dump(mode="json") == cfg.model_dump(mode="json")
+        then = ExperimentConfig.model_validate(stored).model_dump(mode="json", exclude={"tracking", "runner"})
     except ValidationError:
         return False
+    return then == cfg.model_dump(mode="json", exclude={"tracking", "runner"})
 
 
 def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:

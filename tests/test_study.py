@@ -117,6 +117,8 @@ def test_a_run_from_before_a_new_config_field_still_counts(
     assert finished_metrics(cfg) == {"test": {}}
     assert finished_metrics(cfg.model_copy(update={"federation": cfg.federation.model_copy(
         update={"warmup_steps": 2})})) is None
+    ray = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": "ray"})})
+    assert finished_metrics(ray) == {"test": {}}  # the same training, run by another executor
 
 
 def test_a_run_of_an_edited_study_is_set_aside_not_resumed(
