@@ -140,7 +140,10 @@ def publish(
     out = output_dir / study.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
-    if study.results_doc and rows:
+    if study.results_doc and not rows:  # e.g. the study was edited: its old table no longer applies
+        write_section(Path(study.results_doc), study.name,
+                      f"No run of this study's current grid has finished yet (0 of {planned}): run the command above.")
+    elif study.results_doc:
         doc = Path(study.results_doc)
         png = study_bars(results["summary"], doc.parent / "results" / f"{study.name}.png",
                          title=f"study {study.name}: mean over seeds, bars one sample sd")

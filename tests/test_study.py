@@ -171,3 +171,11 @@ def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None
 def test_a_frontier_must_be_one_of_the_axes() -> None:
     with pytest.raises(ValueError, match="frontier: eps is not an axis"):
         StudyConfig(name="f", base="b.yaml", frontier="eps", axes={"privacy": {"eps8": {}}})
+
+
+def test_a_study_without_finished_runs_replaces_an_old_table(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n\n<!-- study:e -->\n| old | table |\n<!-- /study:e -->\n")
+    study = StudyConfig(name="e", base="b.yaml", seeds=(1, 2), results_doc=str(doc), axes={"privacy": {"eps8": {}}})
+    publish(study, tmp_path / "outputs", [], {}, planned=2)
+    assert "old" not in doc.read_text() and "0 of 2" in doc.read_text() and doc.read_text().startswith("intro")
