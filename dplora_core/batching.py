@@ -25,9 +25,15 @@ class Batch:
     input_ids: torch.Tensor  # (b, t)
     attention_mask: torch.Tensor  # (b, t)
     labels: torch.Tensor  # (b, t)
+    prefix: torch.Tensor | None = None  # (b, t, h) hidden states entering decoder layer prefix_layers, if cached
+    prefix_layers: int = 0
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        prefix = self.prefix.to(device) if self.prefix is not None else None
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), prefix,
+            self.prefix_layers,
+        )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -52,8 +58,10 @@ def encode(
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, example.label)
 
 
-def collate(items: Sequence[Encoded], *, pad_id: int) -> Batch:
-    """Right-pad to the longest item."""
+def collate(
+    items: Sequence[Encoded], *, pad_id: int, prefix: Sequence[torch.Tensor] | None = None, prefix_layers: int = 0
+) -> Batch:
+    """Right-pad to the longest item; prefix: each item's cached (t_i, h) states entering layer prefix_layers."""
     t = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), t), dtype=torch.long)
@@ -63,7 +71,12 @@ def collate(items: Sequence[Encoded], *, pad_id: int) -> Batch:
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
-    return Batch(ids, mask, labels)
+    if prefix is None:
+        return Batch(ids, mask, labels)
+    states = torch.zeros((len(items), t, prefix[0].shape[-1]), dtype=prefix[0].dtype)  # (b, t, h)
+    for i, h in enumerate(prefix):
+        states[i, : h.shape[0]] = h
+    return Batch(ids, mask, labels, states, prefix_layers)
 
 
 def label_token_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -37,6 +37,11 @@ class ModelConfig(_Strict):
     )
     max_seq_len: int = Field(128, ge=8, le=32768, description="Prompt + answer tokens.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+    cache_frozen_prefix: bool = Field(
+        True,
+        description="Compute each record's hidden states below the first LoRA layer once and run only the layers "
+        "above them (dplora_core.prefix); costs records x tokens x hidden x 2 bytes of CPU memory.",
+    )
 
 
 class LoraConfig(_Strict):

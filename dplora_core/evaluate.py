@@ -9,21 +9,30 @@ from torch import nn
 
 from dplora_core.batching import Encoded, collate
 from dplora_core.model import backbone_and_head
+from dplora_core.prefix import FrozenPrefix, backbone_states
 
 
 @torch.inference_mode()
 def label_scores(
-    model: nn.Module, prompts: Sequence[Encoded], label_ids: Sequence[int], *, pad_id: int, batch_size: int
+    model: nn.Module, prompts: Sequence[Encoded], label_ids: Sequence[int], *, pad_id: int, batch_size: int,
+    prefix: FrozenPrefix | None = None,
 ) -> torch.Tensor:
-    """Logit of each label word's first token after each prompt: (n, L), float32 on the CPU."""
-    backbone, head = backbone_and_head(model)
+    """Logit of each label word's first token after each prompt: (n, L), float32 on the CPU.
+
+    prefix: each prompt's cached frozen-prefix states, aligned with `prompts` (see `dplora_core.prefix`).
+    """
+    _, head = backbone_and_head(model)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))  # less padding
     scores = torch.zeros(len(prompts), len(label_ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = collate([prompts[i] for i in chunk], pad_id=pad_id).to(device)
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        batch = collate(
+            [prompts[i] for i in chunk], pad_id=pad_id,
+            prefix=prefix.take(chunk).hidden if prefix is not None else None,
+            prefix_layers=prefix.layers if prefix is not None else 0,
+        ).to(device)
+        hidden = backbone_states(model, batch)  # (b, t, h)
         last = batch.attention_mask.sum(dim=1) - 1  # (b,) index of each prompt's final token
         h = hidden[torch.arange(len(chunk), device=device), last]  # (b, h)
         scores[chunk] = head(h)[:, list(label_ids)].float().cpu()  # (b, L)

@@ -27,6 +27,7 @@ from torch import nn
 
 from dplora_core.batching import IGNORE, Batch, Encoded, collate
 from dplora_core.model import backbone_and_head
+from dplora_core.prefix import FrozenPrefix, backbone_states
 from dplora_core.privacy import mechanisms as M
 from dplora_core.privacy.accountant import DpSgdRun
 from dplora_core.privacy.grad_sample import PerExampleGrads, per_example_grads, trainable_linears
@@ -69,8 +70,8 @@ def answer_nll(model: nn.Module, batch: Batch, label_ids: Sequence[int] | None =
     (prompt-based classification, Gao et al. 2021), the same scores `evaluate.predict` ranks.
     The LM head runs only at the positions that predict an answer token.
     """
-    backbone, head = backbone_and_head(model)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (b,t,h)
+    _, head = backbone_and_head(model)
+    hidden = backbone_states(model, batch)  # (b, t, h)
     target = batch.labels[:, 1:]  # (b, t-1): token t+1 is predicted at position t
     is_answer = target != IGNORE  # (b, t-1)
     if label_ids is not None:
@@ -175,8 +176,17 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-def microbatch(items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device) -> list[Batch]:
-    return [collate(items[i : i + size], pad_id=pad_id).to(device) for i in range(0, len(items), size)]
+def microbatch(
+    items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device, prefix: FrozenPrefix | None = None
+) -> list[Batch]:
+    """Padded batches of `size` items (with their frozen-prefix states, aligned with items, if given)."""
+    return [
+        collate(
+            items[i : i + size], pad_id=pad_id, prefix=prefix.hidden[i : i + size] if prefix is not None else None,
+            prefix_layers=prefix.layers if prefix is not None else 0,
+        ).to(device)
+        for i in range(0, len(items), size)
+    ]
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -202,6 +212,7 @@ def train_local(
     dp: DpSgdParams | PaperDpParams | None,
     label_ids: Sequence[int] | None = None,
     warmup_steps: int = 0,
+    prefix: FrozenPrefix | None = None,
 ) -> LocalResult:
     """`steps` optimizer steps on the trainable (LoRA) weights of `model`.
 
@@ -209,6 +220,7 @@ def train_local(
     (uniform batches of `batch_size`, plain SGD); None -> plain AdamW on uniform batches.
     label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
     warmup_steps: the learning rate ramps up linearly over the first steps (see `warmup_factor`).
+    prefix: each record's cached frozen-prefix states, aligned with `data` (see `dplora_core.prefix`).
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -228,7 +240,11 @@ def train_local(
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
         else:
             idx = torch.randperm(n, generator=generator, device=generator.device)[: min(batch_size, n)].cpu()
-        mbs = microbatch([data[i] for i in idx.tolist()], microbatch_size, pad_id=pad_id, device=device)
+        chosen = idx.tolist()
+        mbs = microbatch(
+            [data[i] for i in chosen], microbatch_size, pad_id=pad_id, device=device,
+            prefix=prefix.take(chosen) if prefix is not None else None,
+        )
         optimizer.zero_grad(set_to_none=True)
         if isinstance(dp, DpSgdParams):
             loss_sum += dp_gradients(

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from dplora_core.checkpoint import load_checkpoint
+from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint
 from dplora_core.config import ExperimentConfig, load_config
 from dplora_core.io import atomic_write
 from dplora_core.privacy.accountant import SHORT_RELATIONS
@@ -32,31 +32,36 @@ NUMBERS = ("val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "zero_s
            "majority_class_accuracy", "epsilon", "upload_bytes_per_client_round", "train_seconds")
 
 
-def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The metrics of a run that finished with exactly this config (training.json's config) and were
-    computed from that very training.json (its sha256 in metrics.json), else None."""
+# Sections that do not change what a run trains (where it is tracked, which executor ran the clients).
+UNTRAINED_SECTIONS = {section.removesuffix(".") for section in RESUMABLE_SECTIONS}
+
+
+def finished_run(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(metrics.json, training.json) of a run that finished with exactly this config (training.json's config)
+    and whose metrics were computed from that very training.json (its sha256 in metrics.json), else None."""
     metrics, training = cfg.run_dir / "metrics.json", cfg.run_dir / "training.json"
     if not (metrics.is_file() and training.is_file()):
         return None
     training_bytes = training.read_bytes()
-    if not _same_config(json.loads(training_bytes)["config"], cfg):
+    record: dict[str, Any] = json.loads(training_bytes)
+    if not _same_config(record["config"], cfg):
         return None
     result: dict[str, Any] = json.loads(metrics.read_text())
     if "training_sha256" not in result:  # written before metrics.json recorded it: at least evaluated after
-        return result if metrics.stat().st_mtime >= training.stat().st_mtime else None
+        return (result, record) if metrics.stat().st_mtime >= training.stat().st_mtime else None
     if result["training_sha256"] != hashlib.sha256(training_bytes).hexdigest():
         return None  # evaluated before the last training (e.g. a resume with more rounds stopped before evaluation)
-    return result
+    return result, record
 
 
 def _same_config(stored: dict[str, Any], cfg: ExperimentConfig) -> bool:
     """Whether a stored config trained what `cfg` would, once fields added since it was written take their
-    defaults; where runs are tracked (`tracking`) and which executor ran the clients (`runner`) do not count."""
+    defaults. Unlike a resume (RESUMABLE_CHANGES), the number of rounds counts."""
     try:
-        then = ExperimentConfig.model_validate(stored).model_dump(mode="json", exclude={"tracking", "runner"})
+        then = ExperimentConfig.model_validate(stored).model_dump(mode="json", exclude=UNTRAINED_SECTIONS)
     except ValidationError:
         return False
-    return then == cfg.model_dump(mode="json", exclude={"tracking", "runner"})
+    return then == cfg.model_dump(mode="json", exclude=UNTRAINED_SECTIONS)
 
 
 def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
@@ -70,10 +75,10 @@ def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
     return target
 
 
-def result_row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
-    """One cell's numbers and guarantee, flat."""
+def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """One cell's numbers and guarantee, flat, from its metrics.json and training.json."""
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
-    last = json.loads((cell.config.run_dir / "training.json").read_text())["history"][-1]  # the selection split
+    last = training["history"][-1]  # the last round on the validation split (the selection split)
     f = cell.config.federation
     uploads = metrics["rounds"] * f.clients_per_round
     return {
@@ -109,8 +114,8 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
-        metrics = finished_metrics(cell.config)
-        ran = metrics is None and run_missing
+        finished = finished_run(cell.config)
+        ran = finished is None and run_missing
         if ran:
             log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
             if superseded := set_aside_superseded(cell.config):
@@ -119,13 +124,14 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
             start = time.monotonic()
             try:
                 metrics = dplora_pipeline(cell.config, resume=True)
+                finished = metrics, json.loads((cell.config.run_dir / "training.json").read_text())
             except Exception as err:  # one failed cell must not lose the others; it is listed and re-run next time
                 failed[cell.config.name] = f"{type(err).__name__}: {err}"
                 log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
                 continue
             log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
-        if metrics is not None:
-            rows.append(result_row(cell, metrics))
+        if finished is not None:
+            rows.append(result_row(cell, *finished))
         if ran:
             publish(study, output_dir, rows, failed, len(cells))
     return publish(study, output_dir, rows, failed, len(cells))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
 from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, task_spec
 from dplora_core.model import attach_lora, load_base_model
+from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,59 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     train = split_examples(cfg.data, "train")
     ids = read_partition(cfg)[client_id]
     return tuple(encode(train[i], task_of(cfg), ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
+
+
+# One thread computes a split's frozen-prefix states while the others wait for them.
+_PREFIX_LOCK = threading.Lock()
+
+
+def client_prefix(cfg: ExperimentConfig, client_id: int) -> FrozenPrefix | None:
+    """Client `client_id`'s frozen-prefix states, aligned with `client_data` (None if model.cache_frozen_prefix
+    is off or LoRA starts at layer 0)."""
+    with _PREFIX_LOCK:
+        prefix = split_prefix(cfg.model, cfg.lora, cfg.data, "train")
+    return prefix.take(read_partition(cfg)[client_id]) if prefix is not None else None
+
+
+def eval_prefix(cfg: ExperimentConfig, split: str) -> FrozenPrefix | None:
+    """The frozen-prefix states of a split's prompts, aligned with `eval_prompts`."""
+    with _PREFIX_LOCK:
+        return split_prefix(cfg.model, cfg.lora, cfg.data, split)
+
+
+@functools.lru_cache(maxsize=3)  # train, validation, test of one setting: reused by every round and study cell
+def split_prefix(model_cfg: ModelConfig, lora_cfg: LoraConfig, data: DataConfig, split: str) -> FrozenPrefix | None:
+    """States entering the first LoRA layer for every record of a split (with answers for train, prompts only
+    otherwise); they depend on neither adapter nor client, so one pass serves all rounds, clients and runs."""
+    if not model_cfg.cache_frozen_prefix:
+        return None
+    tokenizer, task = workspace(model_cfg, lora_cfg).tokenizer, task_spec(data)
+    items = [
+        encode(e, task, tokenizer, max_len=model_cfg.max_seq_len, with_answer=split == "train")
+        for e in split_examples(data, split)
+    ]
+    return frozen_prefix(model_cfg, lora_cfg, items)
+
+
+@functools.cache
+def silo_prefix(cfg: ExperimentConfig, client_id: int, data_path: str) -> FrozenPrefix | None:
+    """Cross-silo, inside silo `client_id`: the frozen-prefix states of its records, aligned with `silo_data`."""
+    if not cfg.model.cache_frozen_prefix:
+        return None
+    return frozen_prefix(cfg.model, cfg.lora, silo_data(cfg, client_id, data_path))
+
+
+PREFIX_BATCH_SIZE = 32
+
+
+def frozen_prefix(model_cfg: ModelConfig, lora_cfg: LoraConfig, items: Sequence[Encoded]) -> FrozenPrefix | None:
+    """`items`' states entering the first LoRA layer, or None if LoRA starts at layer 0."""
+    ws = workspace(model_cfg, lora_cfg)
+    layers = frozen_layers(ws.model)
+    if layers == 0:
+        return None
+    with ws.lock:
+        return prefix_states(ws.model, items, layers=layers, pad_id=ws.pad_id, batch_size=PREFIX_BATCH_SIZE)
 
 
 def task_of(cfg: ExperimentConfig) -> TaskSpec:

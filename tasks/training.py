@@ -30,12 +30,24 @@ from dplora_core.data import Example
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import init_lora_state
+from dplora_core.prefix import FrozenPrefix
 from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier, paper_noise_multiplier
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
 from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
-from tasks.runtime import client_data, client_sizes, eval_prompts, label_ids_of, silo_data, task_of, workspace
+from tasks.runtime import (
+    client_data,
+    client_prefix,
+    client_sizes,
+    eval_prefix,
+    eval_prompts,
+    label_ids_of,
+    silo_data,
+    silo_prefix,
+    task_of,
+    workspace,
+)
 
 # A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
 MAX_DELTA_TIMES_N = 0.1
@@ -126,7 +138,10 @@ def train_client(
     cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None
 ) -> ClientUpdate:
     """Local training of the global adapter on one simulated client's records (its shard of the partition)."""
-    return local_update(cfg, round_num, client_id, global_model, noise_multiplier, client_data(cfg, client_id))
+    return local_update(
+        cfg, round_num, client_id, global_model, noise_multiplier, client_data(cfg, client_id),
+        client_prefix(cfg, client_id),
+    )
 
 
 @task(name="train-silo", task_run_name="train-silo-{client_id}-round-{round_num}", cache_policy=NO_CACHE)
@@ -135,14 +150,18 @@ def train_silo(
     data_path: str,
 ) -> ClientUpdate:
     """Cross-silo: local training of the global adapter on this silo's own records, inside the silo."""
-    return local_update(cfg, round_num, client_id, global_model, noise_multiplier, silo_data(cfg, client_id, data_path))
+    return local_update(
+        cfg, round_num, client_id, global_model, noise_multiplier, silo_data(cfg, client_id, data_path),
+        silo_prefix(cfg, client_id, data_path),
+    )
 
 
 def local_update(
     cfg: ExperimentConfig, round_num: int, client_id: int, global_model: GlobalModel, noise_multiplier: float | None,
-    data: Sequence[Encoded],
+    data: Sequence[Encoded], prefix: FrozenPrefix | None = None,
 ) -> ClientUpdate:
-    """Train the global adapter on `data` with the mode's client-side mechanism; the update to send back."""
+    """Train the global adapter on `data` (prefix: their cached frozen-prefix states) with the mode's client-side
+    mechanism; the update to send back."""
     ws = workspace(cfg.model, cfg.lora)
     f, p = cfg.federation, cfg.privacy
     device = next(ws.model.parameters()).device
@@ -162,6 +181,7 @@ def local_update(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
             label_ids=label_ids_of(cfg) if f.loss == "label_words" else None, warmup_steps=f.warmup_steps,
+            prefix=prefix,
         )
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
@@ -288,7 +308,7 @@ def sample_round_clients(cfg: ExperimentConfig, round_num: int) -> list[int]:
 def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[str, float]:
     """Accuracy and macro-F1 on a split, with the given adapter (None: the base model, zero-shot)."""
     prompts, gold, label_ids = eval_prompts(cfg, split)
-    scores = score_prompts(cfg, adapter, prompts)
+    scores = score_prompts(cfg, adapter, prompts, eval_prefix(cfg, split))
     preds = scores.argmax(dim=1).tolist()
     return {
         "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
@@ -308,16 +328,21 @@ def predict_labels(
     return [task.labels[i] for i in score_prompts(cfg, adapter, prompts).argmax(dim=1).tolist()]
 
 
-def score_prompts(cfg: ExperimentConfig, adapter: bytes | None, prompts: Sequence[Encoded]) -> torch.Tensor:
-    """Each label word's logit after each prompt, (n, L), with `adapter` (None: the base model, zero-shot)."""
+def score_prompts(
+    cfg: ExperimentConfig, adapter: bytes | None, prompts: Sequence[Encoded], prefix: FrozenPrefix | None = None
+) -> torch.Tensor:
+    """Each label word's logit after each prompt, (n, L), with `adapter` (None: the base model, zero-shot);
+    prefix: the prompts' cached frozen-prefix states."""
     ws = workspace(cfg.model, cfg.lora)
     label_ids, batch_size = label_ids_of(cfg), cfg.evaluation.batch_size
     with ws.lock:
         if adapter is None:
             with ws.model.disable_adapter():
-                return label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
+                return label_scores(
+                    ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size, prefix=prefix
+                )
         load_adapter_state(ws.model, from_bytes(adapter, source="adapter"), source="adapter")
-        return label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size)
+        return label_scores(ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size, prefix=prefix)
 
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:

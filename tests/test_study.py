@@ -13,7 +13,7 @@ from dplora_core.checkpoint import load_checkpoint, save_checkpoint
 from dplora_core.config import ConfigError
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
-from flows.study import finished_metrics, publish, run_study, set_aside_superseded, write_section
+from flows.study import finished_run, publish, run_study, set_aside_superseded, write_section
 from tests.helpers import tiny_config
 
 BASE = {"name": "base", "privacy": {"mode": "sample", "target_epsilon": 8.0, "delta": 1e-5}}
@@ -114,11 +114,13 @@ def test_a_run_from_before_a_new_config_field_still_counts(
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "training.json").write_text(json.dumps({"config": stored}))
     (cfg.run_dir / "metrics.json").write_text(json.dumps({"test": {}}))
-    assert finished_metrics(cfg) == {"test": {}}
-    assert finished_metrics(cfg.model_copy(update={"federation": cfg.federation.model_copy(
+    assert finished_run(cfg) == ({"test": {}}, {"config": stored})
+    assert finished_run(cfg.model_copy(update={"federation": cfg.federation.model_copy(
         update={"warmup_steps": 2})})) is None
     ray = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": "ray"})})
-    assert finished_metrics(ray) == {"test": {}}  # the same training, run by another executor
+    assert finished_run(ray) is not None  # the same training, run by another executor
+    more_rounds = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 9})})
+    assert finished_run(more_rounds) is None  # resumable, but not the same finished run
 
 
 def test_a_run_of_an_edited_study_is_set_aside_not_resumed(
