@@ -6,7 +6,8 @@ The demo's model and adapter: SmolLM2-135M-Instruct in bfloat16, FFA-LoRA rank 4
 of the last `--last-n-layers` of its 30 layers. Without the cache a step runs all 30 layers forward;
 with it only the layers holding LoRA, fed the states entering them (`dplora_core.prefix`). Also
 reported: the one-off cost of computing those states, per record, and the largest difference in the
-per-example losses. Ratios are medians over interleaved repeats, so machine noise hits both alike.
+per-example losses (the states are computed in batches padded unlike the training batch).
+Ratios are medians over interleaved repeats, so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def main() -> None:
     task = TASKS["financial_phrasebank"]
     base, tok = load_base_model(ModelConfig(dtype="bfloat16"))
     model = attach_lora(base, LoraConfig(rank=4, alpha=8, freeze_a=True, last_n_layers=args.last_n_layers))
-    examples: list[Example] = read_jsonl(TRAIN, labels=task.labels)[: args.batch]
-    items = [encode(e, task, tok, max_len=128) for e in examples]
+    examples: list[Example] = read_jsonl(TRAIN, labels=task.labels)[: 4 * args.batch]
+    records = [encode(e, task, tok, max_len=128) for e in examples]
     pad, ids = int(tok.pad_token_id), label_token_ids(task, tok)
 
     start = time.perf_counter()
-    prefix = prefix_states(model, items, layers=frozen_layers(model), pad_id=pad, batch_size=32)
-    per_record = (time.perf_counter() - start) / len(items)
+    cache = prefix_states(model, records, layers=frozen_layers(model), pad_id=pad, batch_size=32)
+    per_record = (time.perf_counter() - start) / len(records)
+    # a training batch pads its records differently from the batches that computed their states
+    chosen = list(range(0, len(records), 4))
+    items, prefix = [records[i] for i in chosen], cache.take(chosen)
     full = [collate(items, pad_id=pad)]
     fast = [collate(items, pad_id=pad, prefix=prefix.hidden, prefix_layers=prefix.layers)]
     with torch.no_grad():
