@@ -102,3 +102,24 @@ def test_states_that_do_not_reproduce_the_forward_pass_are_refused(tiny_model_di
     wrong = FrozenPrefix(prefix.layers, tuple(3.0 * h for h in prefix.hidden))  # as if inputs_embeds were rescaled
     with pytest.raises(ValueError, match=r"model\.cache_frozen_prefix"):
         check_reproduces(model, data, wrong, pad_id=tok.pad_token_id)
+
+
+def test_a_federated_run_with_the_cache_trains_the_same_adapter_as_one_without(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """The cache is wired in the right order: each client's cached states belong to its own records."""
+    from dplora_core.adapters import from_bytes
+    from flows.pipeline import dplora_pipeline
+    from tests.helpers import tiny_config
+
+    adapters = []
+    for cached_prefix in (False, True):
+        cfg = tiny_config(
+            tiny_model_dir, tmp_path / str(cached_prefix), raw_dir, lora__last_n_layers=1,
+            model__cache_frozen_prefix=cached_prefix, federation__rounds=1,
+        )
+        dplora_pipeline(cfg)
+        adapters.append(from_bytes((cfg.run_dir / "adapter.safetensors").read_bytes(), source="test"))
+    assert any(v.abs().sum() > 0 for k, v in adapters[1].items() if "lora_B" in k)  # it trained
+    for key, without in adapters[0].items():
+        torch.testing.assert_close(adapters[1][key], without, rtol=1e-4, atol=1e-6)
