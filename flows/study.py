@@ -99,6 +99,8 @@ def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) ->
         # mode client keeps participation on the server, so per-upload bytes are not in its outputs
         "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None and uploads else None,
         "train_seconds": metrics["train_seconds"],
+        "rounds": metrics["rounds"],
+        "planned_rounds": f.rounds,
     }
 
 
@@ -196,6 +198,11 @@ def results_table(results: dict[str, Any]) -> str:
     done = len(rows)
     if done < results["planned"]:
         lines += ["", f"{done} of {results['planned']} runs finished so far (the command resumes the rest)."]
+    short = [f"{r['name']} ({r['rounds']} of {r['planned_rounds']})" for r in rows
+             if r.get("rounds", 0) < r.get("planned_rounds", 0)]
+    if short:
+        lines += ["", "Stopped before their planned rounds (the budget guard: an interrupted round was charged too): "
+                  + ", ".join(short)]
     if results["failed"]:
         lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
     return "\n".join(lines)
