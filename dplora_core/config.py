@@ -40,7 +40,9 @@ class ModelConfig(_Strict):
     cache_frozen_prefix: bool = Field(
         True,
         description="Compute each record's hidden states below the first LoRA layer once and run only the layers "
-        "above them (dplora_core.prefix); costs records x tokens x hidden x 2 bytes of CPU memory.",
+        "above them (dplora_core.prefix); costs records x tokens x hidden x 2 bytes of CPU memory, and the first "
+        "client task in a process computes them for the whole training split (allow for it in "
+        "federation.client_timeout_seconds).",
     )
 
 

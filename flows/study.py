@@ -201,8 +201,8 @@ def results_table(results: dict[str, Any]) -> str:
     short = [f"{r['name']} ({r['rounds']} of {r['planned_rounds']})" for r in rows
              if r.get("rounds", 0) < r.get("planned_rounds", 0)]
     if short:
-        lines += ["", "Stopped before their planned rounds (the budget guard: an interrupted round was charged too): "
-                  + ", ".join(short)]
+        lines += ["", "Stopped by the budget guard before their planned rounds "
+                  "(as after an interrupted round, charged again): " + ", ".join(short)]
     if results["failed"]:
         lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
     return "\n".join(lines)

@@ -149,7 +149,7 @@ def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
              "125,432", "700"]
     assert "| " + " | ".join(cells) + " |" in text
     assert "1 of 2 runs finished so far" in text and "Failed cells (re-run the command to retry): p-eps8-s1" in text
-    assert "Stopped before their planned rounds" not in text
+    assert "Stopped by the budget guard" not in text
     assert json.loads((tmp_path / "outputs" / "p" / "results.json").read_text()) == json.loads(json.dumps(results))
 
 
@@ -161,7 +161,7 @@ def test_a_run_stopped_before_its_planned_rounds_is_named(tmp_path: Path) -> Non
            "epsilon": 8.0, "delta": 1e-5, "privacy_mode": "sample", "accountant": "rdp", "guarantee": "...",
            "upload_bytes_per_client_round": 1.0, "train_seconds": 1.0, "rounds": 2, "planned_rounds": 3}
     publish(study, tmp_path / "outputs", [row], {}, planned=1)
-    assert "Stopped before their planned rounds (the budget guard: an interrupted round was charged too): " \
+    assert "Stopped by the budget guard before their planned rounds (as after an interrupted round, charged again): " \
         "p-eps8-s0 (2 of 3)" in doc.read_text()
 
 
