@@ -20,7 +20,7 @@ from dplora_core.config import ExperimentConfig
 from flows.pipeline import dplora_pipeline
 from tasks.data import write_silo_data
 from tests.helpers import tiny_config
-from tests.prefect_server import PREFECT, server_env
+from tests.prefect_server import PREFECT, server_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SILOS = ("bank-a", "bank-b")
@@ -73,8 +73,7 @@ def silo_workers(prefect_server: str, tmp_path: Path, simulated: tuple[Experimen
         ))
     yield data
     for proc, log in zip(procs, logs, strict=True):
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
         log.close()
 
 

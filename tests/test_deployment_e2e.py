@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import tiny_config
-from tests.prefect_server import PREFECT, server_env
+from tests.prefect_server import PREFECT, server_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "dplora-pipeline-from-file/federated-finetune"
@@ -57,12 +57,7 @@ def worker(prefect_server: str, tmp_path: Path):
     proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     yield env
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:  # on a loaded machine the worker's graceful shutdown can take longer
-        proc.kill()
-        proc.wait(timeout=60)
+    stop(proc)
     log.close()
 
 

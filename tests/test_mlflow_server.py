@@ -14,7 +14,7 @@ import pytest
 
 from flows.pipeline import dplora_pipeline
 from tests.helpers import tiny_config
-from tests.prefect_server import free_port
+from tests.prefect_server import free_port, stop
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -48,8 +48,7 @@ def mlflow_server(tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_h
                 time.sleep(0.5)
         yield base, cfg, metrics
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, grace=30)
         log.close()
 
 
