@@ -67,8 +67,8 @@ def local_prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
 
 
 def stop(proc: subprocess.Popen[bytes], *, grace: float = 60) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds: a process that outlives its graceful shutdown (Prefect 3.9's
-    worker did, in a fresh clone on a loaded machine) must not fail the test that started it."""
+    """SIGTERM, then SIGKILL after `grace` seconds: a process that outlives its graceful shutdown (Prefect 3.9.1's
+    worker outlived 60 s in a fresh clone) must neither fail nor slow the test that started it."""
     proc.terminate()
     try:
         proc.wait(timeout=grace)

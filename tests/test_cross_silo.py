@@ -73,7 +73,7 @@ def silo_workers(prefect_server: str, tmp_path: Path, simulated: tuple[Experimen
         ))
     yield data
     for proc, log in zip(procs, logs, strict=True):
-        stop(proc)
+        stop(proc, grace=15)
         log.close()
 
 

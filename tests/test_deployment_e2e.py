@@ -57,7 +57,7 @@ def worker(prefect_server: str, tmp_path: Path):
     proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     yield env
-    stop(proc)
+    stop(proc, grace=15)
     log.close()
 
 
