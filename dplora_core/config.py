@@ -132,6 +132,10 @@ class FederationConfig(_Strict):
     warmup_steps: int = Field(
         0, ge=0, description="Local steps over which the learning rate ramps up linearly, every round (0: none)."
     )
+    server_learning_rate: float = Field(
+        1.0, gt=0, description="Server step on the aggregated update (FedOpt, server SGD); 1: plain FedAvg. "
+        "Post-processing: it changes no privacy guarantee.",
+    )
     loss: Literal["label_words", "lm"] = Field(
         "label_words",
         description="label_words: cross-entropy among the label words (what evaluation ranks); lm: full-vocabulary.",

@@ -90,11 +90,12 @@ REPRODUCE_TOLERANCE = 2e-2
 def check_reproduces(model: nn.Module, items: Sequence[Encoded], prefix: FrozenPrefix, *, pad_id: int) -> None:
     """ValueError unless the layers above the prefix, fed its cached states, give the full forward's final states."""
     device = next(model.parameters()).device
-    full = backbone_states(model, collate(items, pad_id=pad_id).to(device))  # (b, t, h)
+    batch = collate(items, pad_id=pad_id).to(device)
+    full = backbone_states(model, batch)  # (b, t, h)
     cached = backbone_states(
         model, collate(items, pad_id=pad_id, prefix=prefix.hidden, prefix_layers=prefix.layers).to(device)
     )
-    real = collate(items, pad_id=pad_id).attention_mask.bool().to(device)  # (b, t)
+    real = batch.attention_mask.bool()  # (b, t)
     error = float((full - cached)[real].float().norm() / full[real].float().norm().clamp(min=1e-12))
     if error > REPRODUCE_TOLERANCE:
         raise ValueError(

@@ -40,6 +40,26 @@ class FedAvg:
 
 
 @dataclass
+class ServerStep:
+    """A server learning rate around any strategy: x <- x + eta (inner(x) - x).
+
+    FedOpt with server SGD (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 1); eta = 1 is
+    the inner strategy. With IID clients the mean update is one client's update with less noise, so
+    eta > 1 buys progress per round without more local steps. It acts only on what the inner strategy
+    released, so it is post-processing: any DP guarantee of the clients' updates or of a DP wrapper holds.
+    """
+
+    inner: Strategy
+    learning_rate: float  # eta
+
+    def aggregate(
+        self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState:
+        merged = self.inner.aggregate(current, states, weights)
+        return {k: current[k].float() + self.learning_rate * (merged[k].float() - current[k].float()) for k in merged}
+
+
+@dataclass
 class AdaptiveClipping:
     """Andrew et al. 2021: move the clip norm towards a quantile of the clients' update norms."""
 

@@ -21,7 +21,7 @@ from dplora_core.data import (
     write_jsonl,
 )
 from dplora_core.io import atomic_write
-from tasks.runtime import partition_path, read_partition, split_examples, split_path
+from tasks.runtime import forget_splits, partition_path, read_partition, split_examples, split_path
 
 SOURCES = Path(__file__).resolve().parent.parent / "data" / "sources.json"
 
@@ -57,7 +57,7 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
     labels = task_spec(d).labels
     for name, examples in splits.items():
         write_jsonl(split_path(d, name), examples)
-    split_examples.cache_clear()
+    forget_splits()
     return {name: label_histogram(ex, labels) for name, ex in splits.items()}
 
 

@@ -53,6 +53,12 @@ def split_examples(data: DataConfig, split: str) -> tuple[Example, ...]:
     return tuple(examples[:limit])
 
 
+def forget_splits() -> None:
+    """Drop every cached view of the prepared splits (after they are rewritten)."""
+    for cached in (split_examples, split_encoded, split_prefix, eval_prompts):
+        cached.cache_clear()
+
+
 def read_partition(cfg: ExperimentConfig) -> list[list[int]]:
     path = partition_path(cfg)
     if not path.is_file():
@@ -92,12 +98,20 @@ def silo_data(cfg: ExperimentConfig, client_id: int, data_path: str) -> tuple[En
 
 
 @functools.cache
+def split_encoded(model_cfg: ModelConfig, lora_cfg: LoraConfig, data: DataConfig, split: str) -> tuple[Encoded, ...]:
+    """A split tokenised once for training, evaluation and the frozen-prefix cache alike: the training
+    split with its answers (what clients learn), the others as prompts only (what evaluation scores)."""
+    tokenizer, task = workspace(model_cfg, lora_cfg).tokenizer, task_spec(data)
+    return tuple(
+        encode(e, task, tokenizer, max_len=model_cfg.max_seq_len, with_answer=split == "train")
+        for e in split_examples(data, split)
+    )
+
+
 def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:
     """Client `client_id`'s training records, tokenised (prompt + answer)."""
-    ws = workspace(cfg.model, cfg.lora)
-    train = split_examples(cfg.data, "train")
-    ids = read_partition(cfg)[client_id]
-    return tuple(encode(train[i], task_of(cfg), ws.tokenizer, max_len=cfg.model.max_seq_len) for i in ids)
+    train = split_encoded(cfg.model, cfg.lora, cfg.data, "train")
+    return tuple(train[i] for i in read_partition(cfg)[client_id])
 
 
 # One thread computes a split's frozen-prefix states while the others wait for them.
@@ -124,12 +138,7 @@ def split_prefix(model_cfg: ModelConfig, lora_cfg: LoraConfig, data: DataConfig,
     otherwise); they depend on neither adapter nor client, so one pass serves all rounds, clients and runs."""
     if not model_cfg.cache_frozen_prefix:
         return None
-    tokenizer, task = workspace(model_cfg, lora_cfg).tokenizer, task_spec(data)
-    items = [
-        encode(e, task, tokenizer, max_len=model_cfg.max_seq_len, with_answer=split == "train")
-        for e in split_examples(data, split)
-    ]
-    return frozen_prefix(model_cfg, lora_cfg, items)
+    return frozen_prefix(model_cfg, lora_cfg, split_encoded(model_cfg, lora_cfg, data, split))
 
 
 @functools.cache
@@ -166,12 +175,9 @@ def label_ids_of(cfg: ExperimentConfig) -> tuple[int, ...]:
 
 @functools.cache
 def eval_prompts(cfg: ExperimentConfig, split: str) -> tuple[tuple[Encoded, ...], tuple[int, ...], tuple[int, ...]]:
-    """(prompts without answers, gold label indices, label token ids) for a split."""
-    ws = workspace(cfg.model, cfg.lora)
+    """(prompts without answers, gold label indices, label token ids) for an evaluation split."""
+    if split == "train":
+        raise ValueError("eval_prompts: the training split is encoded with its answers; evaluate validation or test")
     task = task_of(cfg)
-    examples = split_examples(cfg.data, split)
-    prompts = tuple(
-        encode(e, task, ws.tokenizer, max_len=cfg.model.max_seq_len, with_answer=False) for e in examples
-    )
-    gold = tuple(task.labels.index(e.label) for e in examples)
-    return prompts, gold, label_ids_of(cfg)
+    gold = tuple(task.labels.index(e.label) for e in split_examples(cfg.data, split))
+    return split_encoded(cfg.model, cfg.lora, cfg.data, split), gold, label_ids_of(cfg)

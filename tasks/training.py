@@ -34,7 +34,7 @@ from dplora_core.prefix import FrozenPrefix
 from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier, paper_noise_multiplier
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
-from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, Strategy
+from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, ServerStep, Strategy
 from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
 from tasks.runtime import (
     client_data,
@@ -259,8 +259,14 @@ def aggregate(
     """
     current, reference, states = _checked_states(cfg, global_model, updates)
     weights = [1.0] * len(updates) if cfg.privacy.mode == "paper" else [float(u.num_examples) for u in updates]
-    merged = (strategy or FedAvg()).aggregate(reference, states, weights)
+    merged = with_server_step(cfg, strategy or FedAvg()).aggregate(reference, states, weights)
     return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
+
+
+def with_server_step(cfg: ExperimentConfig, inner: Strategy) -> Strategy:
+    """`inner` behind federation.server_learning_rate (left out at 1, so plain FedAvg stays exact)."""
+    eta = cfg.federation.server_learning_rate
+    return inner if eta == 1 else ServerStep(inner, eta)
 
 
 @task(name="aggregate-dp", cache_policy=NO_CACHE)
@@ -275,7 +281,7 @@ def aggregate_private(
     adaptive = None
     if p.adaptive_clipping:
         adaptive = AdaptiveClipping(p.target_quantile, p.clip_learning_rate, count_stddev(cfg))
-    strategy = DpFedAvgServerSide(
+    dp_fedavg = DpFedAvgServerSide(
         FedAvg(),
         noise_multiplier=update_noise_multiplier(noise_multiplier, adaptive.count_stddev if adaptive else None),
         clip_norm=clip_norm,
@@ -283,8 +289,8 @@ def aggregate_private(
         generator=noise_generator(p.noise_seed, global_model.round + 1, SERVER_KEY, 1, device=torch.device("cpu")),
         adaptive=adaptive,
     )
-    merged = strategy.aggregate(reference, states, [1.0] * len(states))
-    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), strategy.clip_norm
+    merged = with_server_step(cfg, dp_fedavg).aggregate(reference, states, [1.0] * len(states))
+    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), dp_fedavg.clip_norm
 
 
 def count_stddev(cfg: ExperimentConfig) -> float:
