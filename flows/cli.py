@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dplora",
         description="Federated, differentially private LoRA fine-tuning of causal LMs, orchestrated by Prefect.",
-        epilog="also: dplora study STUDY.yaml [--no-run]  a grid of experiments over seeds (configs/study-*.yaml)",
+        epilog="also: dplora study STUDY.yaml [--no-run] [--ignore-records]  a grid of experiments over seeds "
+        "(configs/study-*.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
@@ -224,7 +225,7 @@ def quiet_progress_bars_off_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
-def study_main(path: Path, run_missing: bool = True) -> int:
+def study_main(path: Path, run_missing: bool = True, use_records: bool = True) -> int:
     """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
     from dplora_core.study import expand, load_study
 
@@ -244,7 +245,7 @@ def study_main(path: Path, run_missing: bool = True) -> int:
         cmd_ingest(base, argparse.Namespace(source=DEFAULT_SOURCE))
     from flows.study import run_study
 
-    results = run_study(study, run_missing=run_missing)
+    results = run_study(study, run_missing=run_missing, use_records=use_records)
     print(f"study {study.name}: {len(results['rows'])} of {len(cells)} runs finished"
           + (f"; failed: {', '.join(results['failed'])}" if results["failed"] else ""))
     return 1 if results["failed"] or (run_missing and len(results["rows"]) < len(cells)) else 0
@@ -258,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         study_args.add_argument("study", type=Path, help="study YAML: name, base, seeds, axes, exclude, results_doc")
         study_args.add_argument("--no-run", action="store_true", help="only tabulate the runs already finished")
+        study_args.add_argument("--ignore-records", action="store_true",
+                                help="run again the cells that have only a committed record (results/runs/), "
+                                "e.g. to reproduce a table from scratch; their new records replace the old")
         parsed = study_args.parse_args((argv if argv is not None else sys.argv[1:])[1:])
-        return study_main(parsed.study, run_missing=not parsed.no_run)
+        return study_main(parsed.study, run_missing=not parsed.no_run, use_records=not parsed.ignore_records)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -5,6 +5,12 @@ killed study resumes where it stopped: finished cells are read back, the interru
 from its last checkpoint. The results go to `outputs/<study>/results.json` and, if `results_doc` is
 set, into that markdown file between the study's markers, so a document's numbers always come
 from the command that produced them.
+
+A study with a `results_doc` also keeps one small JSON record per finished run beside it
+(`<doc dir>/results/runs/<study>/<run>.json`: the run's full config, its table row, its per-round
+history and the git commit it ran at). The records are committed with the document, so a study too
+long for one sitting resumes from a fresh clone, where `outputs/` is empty, and every number in the
+document can be traced to the config that produced it. `--ignore-records` re-runs recorded cells.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -104,11 +111,55 @@ def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) ->
     }
 
 
+def record_path(study: StudyConfig, cell: Cell) -> Path | None:
+    """Where the committed record of a cell's finished run lives (None: the study writes no document)."""
+    if study.results_doc is None:
+        return None
+    return Path(study.results_doc).parent / "results" / "runs" / study.name / f"{cell.config.name}.json"
+
+
+def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
+    """The table row of a recorded run that trained exactly this cell's config, else None."""
+    path = record_path(study, cell)
+    if path is None or not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if not _same_config(record["config"], cell.config):
+        return None  # the study was edited since: the cell runs again and its new record replaces this one
+    return {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
+
+
+def write_record(study: StudyConfig, cell: Cell, row: dict[str, Any], training: dict[str, Any]) -> None:
+    """Record a finished run (config, row, per-round history, commit) unless the same row is recorded."""
+    path = record_path(study, cell)
+    if path is None:
+        return
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old["row"] == row and _same_config(old["config"], cell.config):
+            return
+    record = {"config": cell.config.model_dump(mode="json"), "row": row, "history": training["history"],
+              "commit": code_version(), "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def code_version() -> str | None:
+    """`git rev-parse HEAD`, with "+dirty" if tracked files were changed; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.strip() + ("+dirty" if dirty.strip() else "")
+
+
 @flow(name="dplora-study")
-def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
-    """Every cell x seed of the study, finished ones read back; results.json and the document section,
-    rewritten after each run so that an interrupted study still shows what it has. `run_missing=False`
-    only tabulates the finished runs."""
+def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = True) -> dict[str, Any]:
+    """Every cell x seed of the study, finished ones read back (from the run directory, else from the
+    committed record); results.json and the document section, rewritten after each run so that an
+    interrupted study still shows what it has. `run_missing=False` only tabulates the finished runs;
+    `use_records=False` runs the cells that have only a record again."""
     log = get_run_logger()
     base = load_config(study.base)
     cells = expand(study, base.model_dump(mode="json"))
@@ -117,6 +168,9 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         finished = finished_run(cell.config)
+        if finished is None and use_records and (row := recorded_row(study, cell)) is not None:
+            rows.append(row)
+            continue
         ran = finished is None and run_missing
         if ran:
             log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
@@ -134,6 +188,7 @@ def run_study(study: StudyConfig, run_missing: bool = True) -> dict[str, Any]:
             log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
         if finished is not None:
             rows.append(result_row(cell, *finished))
+            write_record(study, cell, rows[-1], finished[1])
         if ran:
             publish(study, output_dir, rows, failed, len(cells))
     return publish(study, output_dir, rows, failed, len(cells))

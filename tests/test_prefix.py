@@ -104,6 +104,18 @@ def test_states_that_do_not_reproduce_the_forward_pass_are_refused(tiny_model_di
         check_reproduces(model, data, wrong, pad_id=tok.pad_token_id)
 
 
+def test_in_bfloat16_rounding_passes_the_check_and_a_rescaled_prefix_does_not(tiny_model_dir: Path) -> None:
+    """The cached and the full pass sum in different orders; bfloat16 rounds them apart (2.1e-2 relative on
+    SmolLM2's last 10 layers), which is not a mismatch, while transformed inputs are off by order 1."""
+    model, tok, data = setup(tiny_model_dir)
+    model.to(torch.bfloat16)
+    prefix = cached(model, tok, data)  # checks itself
+    assert prefix.hidden[0].dtype == torch.bfloat16
+    wrong = FrozenPrefix(prefix.layers, tuple(3.0 * h for h in prefix.hidden))
+    with pytest.raises(ValueError, match=r"model\.cache_frozen_prefix"):
+        check_reproduces(model, data, wrong, pad_id=tok.pad_token_id)
+
+
 def test_a_federated_run_with_the_cache_trains_the_same_adapter_as_one_without(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:

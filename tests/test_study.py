@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import yaml
 
 import flows.study
 from dplora_core.checkpoint import load_checkpoint, save_checkpoint
-from dplora_core.config import ConfigError
+from dplora_core.config import ConfigError, ExperimentConfig
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
 from flows.study import finished_run, publish, run_study, set_aside_superseded, write_section
@@ -100,7 +103,8 @@ def test_a_study_runs_its_cells_then_skips_them_when_run_again(
     assert run_study(study)["rows"] == results["rows"]
     training = tmp_path / "outputs" / "t-nodp-s1" / "training.json"
     training.write_bytes(training.read_bytes() + b"\n")  # trained again since metrics.json was evaluated
-    assert [r["name"] for r in run_study(study, run_missing=False)["rows"]] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1"]
+    rows = run_study(study, run_missing=False, use_records=False)["rows"]  # run directories only
+    assert [r["name"] for r in rows] == ["t-eps8-s0", "t-nodp-s0", "t-eps8-s1"]
     assert "3 of 4 runs finished so far" in doc.read_text()
 
 
@@ -194,3 +198,70 @@ def test_a_study_without_finished_runs_replaces_an_old_table(tmp_path: Path) -> 
     study = StudyConfig(name="e", base="b.yaml", seeds=(1, 2), results_doc=str(doc), axes={"privacy": {"eps8": {}}})
     publish(study, tmp_path / "outputs", [], {}, planned=2)
     assert "old" not in doc.read_text() and "0 of 2" in doc.read_text() and doc.read_text().startswith("intro")
+
+
+def fake_pipeline(calls: list[str]) -> Callable[[ExperimentConfig, bool], dict[str, object]]:
+    """Stands in for `dplora_pipeline`: writes a finished run's training.json and metrics.json."""
+
+    def run(cfg: ExperimentConfig, resume: bool) -> dict[str, object]:
+        calls.append(cfg.name)
+        training = json.dumps({"config": cfg.model_dump(mode="json"),
+                               "history": [{"round": 1, "val_accuracy": 0.7, "val_loss": 0.8}]}).encode()
+        metrics = {"test": {"final": {"accuracy": 0.75, "macro_f1": 0.6}, "zero_shot": {"accuracy": 0.36},
+                            "majority_class_accuracy": 0.59},
+                   "privacy": {"epsilon": None, "delta": None, "mode": "none", "accountant": None, "guarantee": "none"},
+                   "bytes": {"up": 100}, "train_seconds": 1.0, "rounds": 1,
+                   "training_sha256": hashlib.sha256(training).hexdigest()}
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "training.json").write_bytes(training)
+        (cfg.run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    return run
+
+
+def record_study(tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, lr: float = 0.01) -> StudyConfig:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=1,
+                                               privacy__mode="none").model_dump(mode="json")))
+    return StudyConfig(name="r", base=str(base), seeds=(0, 1), results_doc=str(tmp_path / "results.md"),
+                       axes={"lr": {"low": {"federation.learning_rate": lr}}})
+
+
+def test_a_fresh_clone_reads_finished_runs_back_from_their_committed_records(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    first = run_study(study)
+    record = json.loads((tmp_path / "results" / "runs" / "r" / "r-low-s1.json").read_text())
+    assert record["config"]["federation"]["seed"] == 1 and record["history"][0]["val_accuracy"] == 0.7
+    shutil.rmtree(tmp_path / "outputs")  # a fresh clone: no run directories
+    assert run_study(study)["rows"] == first["rows"] and calls == ["r-low-s0", "r-low-s1"]
+
+
+def test_a_record_of_another_config_does_not_count(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    shutil.rmtree(tmp_path / "outputs")
+    run_study(record_study(tiny_model_dir, raw_dir, tmp_path, lr=0.02))  # the same cell names, edited
+    assert calls == ["r-low-s0", "r-low-s1"] * 2
+    record = json.loads((tmp_path / "results" / "runs" / "r" / "r-low-s0.json").read_text())
+    assert record["config"]["federation"]["learning_rate"] == 0.02  # the new run replaced the stale record
+
+
+def test_ignoring_records_runs_the_recorded_cells_again(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    run_study(study)
+    shutil.rmtree(tmp_path / "outputs")
+    assert run_study(study, run_missing=False, use_records=False)["rows"] == []
+    run_study(study, use_records=False)
+    assert calls == ["r-low-s0", "r-low-s1"] * 2
