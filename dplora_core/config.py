@@ -128,7 +128,13 @@ class FederationConfig(_Strict):
     local_steps: int = Field(4, ge=1, description="Logical (Poisson) batches per client per round.")
     batch_size: int = Field(64, ge=1, description="Expected logical batch size per step.")
     microbatch_size: int = Field(16, ge=1, description="Examples per forward/backward pass.")
-    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate of the local steps.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="Local optimizer on the (noised) gradients, fresh every round: adamw (no weight decay) or sgd "
+        "(heavy-ball `momentum`). Mode paper always takes plain SGD steps, as published.",
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description="Heavy-ball momentum of optimizer sgd.")
+    learning_rate: float = Field(2e-3, gt=0, description="Learning rate of the local steps.")
     warmup_steps: int = Field(
         0, ge=0, description="Local steps over which the learning rate ramps up linearly, every round (0: none)."
     )
@@ -176,6 +182,14 @@ class FederationConfig(_Strict):
             raise ValueError(
                 f"federation.min_clients ({self.min_clients}) must be <= "
                 f"federation.clients_per_round ({self.clients_per_round})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self) -> FederationConfig:
+        if self.momentum > 0 and self.optimizer != "sgd":
+            raise ValueError(
+                f"federation.momentum ({self.momentum}) is for federation.optimizer sgd, not {self.optimizer}"
             )
         return self
 

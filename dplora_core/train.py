@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,12 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
+def by_length(items: Sequence[Encoded]) -> list[int]:
+    """Indices of `items`, shortest first: micro-batches of similar lengths pad less. The logical batch's
+    gradient is a sum over its examples, so the order changes nothing but floating-point rounding."""
+    return sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+
+
 def microbatch(
     items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device, prefix: FrozenPrefix | None = None
 ) -> list[Batch]:
@@ -213,39 +220,46 @@ def train_local(
     label_ids: Sequence[int] | None = None,
     warmup_steps: int = 0,
     prefix: FrozenPrefix | None = None,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+    momentum: float = 0.0,
 ) -> LocalResult:
     """`steps` optimizer steps on the trainable (LoRA) weights of `model`.
 
-    dp: DpSgdParams -> DP-SGD with Poisson batches and AdamW; PaperDpParams -> DP-LoRA Alg. 1
-    (uniform batches of `batch_size`, plain SGD); None -> plain AdamW on uniform batches.
+    dp: DpSgdParams -> DP-SGD with Poisson batches; PaperDpParams -> DP-LoRA Alg. 1 (uniform batches of
+    `batch_size`, plain SGD whatever `optimizer` says); None -> uniform batches without noise.
+    optimizer: "adamw" (no weight decay) or "sgd" (heavy-ball `momentum`) on the (noised) gradients; its state
+    lives for this call only, so clients stay stateless.
     label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
     warmup_steps: the learning rate ramps up linearly over the first steps (see `warmup_factor`).
     prefix: each record's cached frozen-prefix states, aligned with `data` (see `dplora_core.prefix`).
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
+    opt: torch.optim.Optimizer
     if isinstance(dp, PaperDpParams):
-        optimizer = torch.optim.SGD(params, lr=learning_rate)
+        opt = torch.optim.SGD(params, lr=learning_rate)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=learning_rate, momentum=momentum)
     else:
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     n = len(data)
     loss_sum, seen = 0.0, 0
     grads = PerExampleGrads(trainable_linears(model)) if isinstance(dp, DpSgdParams) else None
     for step in range(steps):
-        for group in optimizer.param_groups:
+        for group in opt.param_groups:
             group["lr"] = learning_rate * warmup_factor(step, warmup_steps)
         if isinstance(dp, DpSgdParams):
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
         else:
             idx = torch.randperm(n, generator=generator, device=generator.device)[: min(batch_size, n)].cpu()
-        chosen = idx.tolist()
+        chosen = [int(i) for i in idx.tolist()]
+        chosen = [chosen[j] for j in by_length([data[i] for i in chosen])]
         mbs = microbatch(
             [data[i] for i in chosen], microbatch_size, pad_id=pad_id, device=device,
             prefix=prefix.take(chosen) if prefix is not None else None,
         )
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         if isinstance(dp, DpSgdParams):
             loss_sum += dp_gradients(
                 model, mbs, dp=dp, expected_batch_size=dp.sample_rate * n, generator=generator, label_ids=label_ids,
@@ -258,7 +272,7 @@ def train_local(
         else:
             loss_sum += plain_gradients(model, mbs, batch_size=max(len(idx), 1), label_ids=label_ids)
         seen += len(idx)
-        optimizer.step()
+        opt.step()
     model.eval()
     run = None
     if isinstance(dp, DpSgdParams):

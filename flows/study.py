@@ -139,19 +139,29 @@ def write_record(study: StudyConfig, cell: Cell, row: dict[str, Any], training: 
         if old["row"] == row and _same_config(old["config"], cell.config):
             return
     record = {"config": cell.config.model_dump(mode="json"), "row": row, "history": training["history"],
-              "commit": code_version(), "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "commit": code_version(study), "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def code_version() -> str | None:
-    """`git rev-parse HEAD`, with "+dirty" if tracked files were changed; None outside a git checkout."""
+def code_version(study: StudyConfig | None = None) -> str | None:
+    """`git rev-parse HEAD`, with "+dirty" if tracked files were changed (except what the study itself writes:
+    its results document and records); None outside a git checkout."""
+    own = [f":(exclude){p}" for p in study_outputs(study)] if study is not None else []
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *own],
                                capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def study_outputs(study: StudyConfig) -> list[str]:
+    """The tracked paths a study rewrites as it runs: its results document and the folder beside it."""
+    if study.results_doc is None:
+        return []
+    doc = Path(study.results_doc)
+    return [doc.as_posix(), (doc.parent / "results").as_posix()]
 
 
 @flow(name="dplora-study")

@@ -63,7 +63,7 @@ def train_and_score(
             ws.model, data, steps=f.rounds * f.local_steps, batch_size=f.batch_size,
             microbatch_size=f.microbatch_size, learning_rate=f.learning_rate, pad_id=ws.pad_id,
             generator=generator, dp=dp, label_ids=label_ids if f.loss == "label_words" else None,
-            warmup_steps=f.warmup_steps,
+            warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum,
         )
         scores = canary_scores(ws.model, canaries, label_ids, pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size)
     ledger = None

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -53,10 +54,16 @@ def split_examples(data: DataConfig, split: str) -> tuple[Example, ...]:
     return tuple(examples[:limit])
 
 
+# The base model's label scores of an evaluation split, keyed by (model, lora, data, evaluation, split): the
+# same for every run of a setting (seeds, privacy, federation), so a study scores zero-shot once per process.
+ZERO_SHOT_SCORES: dict[tuple[object, ...], torch.Tensor] = {}
+
+
 def forget_splits() -> None:
     """Drop every cached view of the prepared splits (after they are rewritten)."""
     for cached in (split_examples, split_encoded, split_prefix, eval_prompts):
         cached.cache_clear()
+    ZERO_SHOT_SCORES.clear()
 
 
 def read_partition(cfg: ExperimentConfig) -> list[list[int]]:

@@ -37,6 +37,7 @@ from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, 
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, ServerStep, Strategy
 from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
 from tasks.runtime import (
+    ZERO_SHOT_SCORES,
     client_data,
     client_prefix,
     client_sizes,
@@ -181,7 +182,7 @@ def local_update(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
             learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
             label_ids=label_ids_of(cfg) if f.loss == "label_words" else None, warmup_steps=f.warmup_steps,
-            prefix=prefix,
+            optimizer=f.optimizer, momentum=f.momentum, prefix=prefix,
         )
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
@@ -314,7 +315,13 @@ def sample_round_clients(cfg: ExperimentConfig, round_num: int) -> list[int]:
 def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[str, float]:
     """Accuracy and macro-F1 on a split, with the given adapter (None: the base model, zero-shot)."""
     prompts, gold, label_ids = eval_prompts(cfg, split)
-    scores = score_prompts(cfg, adapter, prompts, eval_prefix(cfg, split))
+    if adapter is None:
+        key = (cfg.model, cfg.lora, cfg.data, cfg.evaluation, split)
+        if key not in ZERO_SHOT_SCORES:
+            ZERO_SHOT_SCORES[key] = score_prompts(cfg, None, prompts, eval_prefix(cfg, split))
+        scores = ZERO_SHOT_SCORES[key]
+    else:
+        scores = score_prompts(cfg, adapter, prompts, eval_prefix(cfg, split))
     preds = scores.argmax(dim=1).tolist()
     return {
         "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),

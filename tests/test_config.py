@@ -79,6 +79,8 @@ def write(tmp_path: Path, tree: dict) -> Path:
             "federation", "names must be unique",
         ),
         ({"federation": {"exchange_dir": "x"}}, "federation", "exchange_dir is for cross-silo runs"),
+        ({"federation": {"momentum": 0.9}}, "federation", "momentum (0.9) is for federation.optimizer sgd, not adamw"),
+        ({"federation": {"optimizer": "lion"}}, "federation.optimizer", "Input should be"),
     ],
 )
 def test_bad_config_names_field_and_reason(tmp_path: Path, tree: dict, field: str, reason: str) -> None:

@@ -17,7 +17,9 @@ from dplora_core.train import (
     DpSgdParams,
     PaperDpParams,
     answer_nll,
+    by_length,
     dp_gradients,
+    microbatch,
     plain_gradients,
     train_local,
     warmup_factor,
@@ -174,6 +176,36 @@ def test_warmup_scales_the_first_adamw_step(tiny_model_dir: Path) -> None:
                          if n in before))
     assert moves[0] == pytest.approx(1e-2, rel=1e-3)
     assert moves[1] == pytest.approx(0.5e-2, rel=1e-3)
+
+
+def test_sgd_takes_heavy_ball_steps_on_the_batch_gradient(tiny_model_dir: Path) -> None:
+    """optimizer sgd: v <- mu v + g, w <- w - lr v, on the whole-batch gradient (sampled once per step)."""
+    model, tok, data = setup(tiny_model_dir)
+    mbs = microbatch(data, 4, pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    plain_gradients(model, mbs, batch_size=len(data))
+    start = [p.detach().clone() for p in params_of(model)]
+    g = [p.grad.clone() for p in params_of(model)]
+    model.zero_grad(set_to_none=True)
+    train_local(model, data, steps=1, batch_size=len(data), microbatch_size=4, learning_rate=0.5,
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), dp=None, optimizer="sgd",
+                momentum=0.9)
+    for p, w, grad in zip(params_of(model), start, g, strict=True):
+        torch.testing.assert_close(p.detach(), w - 0.5 * grad, atol=1e-6, rtol=1e-5)
+
+
+def test_length_order_changes_no_dp_gradient(tiny_model_dir: Path) -> None:
+    """Micro-batches of a logical batch sorted by length (less padding) sum to the same clipped gradient."""
+    model, tok, data = setup(tiny_model_dir)
+    dp = DpSgdParams(noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0)
+    grads = []
+    for items in (list(data), [data[i] for i in by_length(data)]):
+        model.zero_grad(set_to_none=True)
+        dp_gradients(model, microbatch(items, 2, pad_id=tok.pad_token_id, device=torch.device("cpu")), dp=dp,
+                     expected_batch_size=len(data), generator=torch.Generator().manual_seed(0))
+        grads.append([p.grad.clone() for p in params_of(model)])
+    assert [len(data[i].input_ids) for i in by_length(data)] == sorted(len(e.input_ids) for e in data)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -283,3 +283,20 @@ def test_int8_uploads_train_under_the_same_guarantee_and_cost_fewer_bytes(
     assert 0.9 * 8.0 < int8["privacy"]["epsilon"] <= 8.0  # post-processing: the same guarantee
     final = from_bytes((tmp_path / "outputs" / cfg.name / "adapter.safetensors").read_bytes(), source="test")
     assert all(v.dtype == torch.float32 for v in final.values())
+
+
+def test_zero_shot_is_scored_once_per_setting_whatever_the_seed(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.training
+    from tasks.runtime import forget_splits
+
+    cfg, metrics = finished
+    other_seed = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"seed": 7})})
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("zero-shot scored again")
+
+    monkeypatch.setattr(tasks.training, "score_prompts", no_scoring)
+    assert tasks.training.evaluate.fn(other_seed, None, "test") == metrics["test"]["zero_shot"]
+    forget_splits()  # the prepared splits were rewritten: nothing of the old ones may be reused
+    with pytest.raises(AssertionError, match="scored again"):
+        tasks.training.evaluate.fn(other_seed, None, "test")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -265,3 +266,26 @@ def test_ignoring_records_runs_the_recorded_cells_again(
     assert run_study(study, run_missing=False, use_records=False)["rows"] == []
     run_study(study, use_records=False)
     assert calls == ["r-low-s0", "r-low-s1"] * 2
+
+
+def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_study_s_own_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "docs" / "results" / "runs").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "results.md").write_text("table\n")
+    (tmp_path / "docs" / "results" / "runs" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    study = StudyConfig(name="r", base="params.yaml", results_doc="docs/results.md", axes={"a": {"b": {}}})
+    (tmp_path / "docs" / "results.md").write_text("new table\n")
+    (tmp_path / "docs" / "results" / "runs" / "r.json").write_text('{"row": 1}\n')
+    version = flows.study.code_version(study)
+    assert version is not None and not version.endswith("+dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert str(flows.study.code_version(study)).endswith("+dirty")
