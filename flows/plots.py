@@ -128,21 +128,26 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def study_bars(summary: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
-    """Test accuracy and macro-F1 per study cell (mean, error bar one sample sd), zero-shot and majority marked."""
+    """Test accuracy and macro-F1 per study cell (mean, error bar one sample sd where there are 2 seeds or more),
+    zero-shot and majority marked."""
     names = [" / ".join(s["levels"].values()) for s in summary]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2.5), 4.2))
     xs = range(len(names))
     for offset, key, label in ((-0.2, "test_accuracy", "test accuracy"), (0.2, "test_macro_f1", "test macro-F1")):
         means = [s[key][0] if s[key] else math.nan for s in summary]
-        sds = [s[key][1] if s[key] and not math.isnan(s[key][1]) else 0.0 for s in summary]
-        ax.bar([x + offset for x in xs], means, width=0.4, yerr=sds, capsize=3, label=label)
+        ax.bar([x + offset for x in xs], means, width=0.4, label=label)
+        cells = zip(xs, summary, strict=True)
+        spread = [(x + offset, *s[key]) for x, s in cells if s[key] and not math.isnan(s[key][1])]
+        if spread:  # one seed has no sample sd: no error bar rather than one of length 0
+            ax.errorbar([p[0] for p in spread], [p[1] for p in spread], yerr=[p[2] for p in spread], fmt="none",
+                        ecolor="black", capsize=3)
     for key, label, style in (("zero_shot_accuracy", "zero-shot accuracy", "--"),
                               ("majority_class_accuracy", "always the majority class", ":")):
         values = [s[key][0] for s in summary if s[key]]
         if values:
             ax.axhline(sum(values) / len(values), color="grey", linestyle=style, label=label)
-    ax.set_xticks(list(xs), names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center",
-                  fontsize=8)
+    crowded = len(names) > 4 or max((len(n) for n in names), default=0) > 12  # long names overlap unrotated
+    ax.set_xticks(list(xs), names, rotation=30 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("on the test split")
     ax.set_title(title, fontsize=9, wrap=True)
