@@ -3,7 +3,7 @@
     python bench/length_order.py [--repeats 5] [--batch 128] [--microbatch 16] [--last-n-layers 4]
 
 `train_local` sorts each logical batch by length before cutting it into micro-batches
-(`dplora_core.train.by_length`), so a micro-batch pads to a length close to its records' own.
+(`dplora_core.batching.by_length`), so a micro-batch pads to a length close to its records' own.
 The sum of clipped per-example gradients is the same in any order. The demo's model and adapter
 (SmolLM2-135M-Instruct in bfloat16, FFA-LoRA rank 4 on q_proj,v_proj), the frozen-prefix cache on,
 Financial PhraseBank training records in a random order. Ratios are medians over interleaved
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from dplora_core.batching import Encoded, encode, label_token_ids
+from dplora_core.batching import Encoded, by_length, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example, read_jsonl
 from dplora_core.model import attach_lora, load_base_model
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 from dplora_core.privacy.grad_sample import PerExampleGrads, trainable_linears
-from dplora_core.train import DpSgdParams, by_length, dp_gradients, microbatch
+from dplora_core.train import DpSgdParams, dp_gradients, microbatch
 
 TRAIN = Path("data/prepared/financial_phrasebank/train.jsonl")
 

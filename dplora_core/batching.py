@@ -58,6 +58,11 @@ def encode(
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, example.label)
 
 
+def by_length(items: Sequence[Encoded]) -> list[int]:
+    """Indices of `items`, shortest first: batches of similar lengths pad less."""
+    return sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+
+
 def collate(
     items: Sequence[Encoded], *, pad_id: int, prefix: Sequence[torch.Tensor] | None = None, prefix_layers: int = 0
 ) -> Batch:

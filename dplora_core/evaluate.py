@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dplora_core.batching import Encoded, collate
+from dplora_core.batching import Encoded, by_length, collate
 from dplora_core.model import backbone_and_head
 from dplora_core.prefix import FrozenPrefix, backbone_states
 
@@ -23,7 +23,7 @@ def label_scores(
     """
     _, head = backbone_and_head(model)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))  # less padding
+    order = by_length(prompts)
     scores = torch.zeros(len(prompts), len(label_ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]

@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from dplora_core.batching import Batch, Encoded, collate
+from dplora_core.batching import Batch, Encoded, by_length, collate
 from dplora_core.model import backbone_and_head
 
 
@@ -66,7 +66,7 @@ def prefix_states(
     backbone, _ = backbone_and_head(model)
     device = next(model.parameters()).device
     hidden: list[torch.Tensor] = [torch.empty(0)] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # less padding
+    order = by_length(items)
     with _layers(backbone, slice(0, layers), final_norm=False):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]

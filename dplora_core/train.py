@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dplora_core.batching import IGNORE, Batch, Encoded, collate
+from dplora_core.batching import IGNORE, Batch, Encoded, by_length, collate
 from dplora_core.model import backbone_and_head
 from dplora_core.prefix import FrozenPrefix, backbone_states
 from dplora_core.privacy import mechanisms as M
@@ -177,12 +177,6 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-def by_length(items: Sequence[Encoded]) -> list[int]:
-    """Indices of `items`, shortest first: micro-batches of similar lengths pad less. The logical batch's
-    gradient is a sum over its examples, so the order changes nothing but floating-point rounding."""
-    return sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-
-
 def microbatch(
     items: Sequence[Encoded], size: int, *, pad_id: int, device: torch.device, prefix: FrozenPrefix | None = None
 ) -> list[Batch]:
@@ -253,8 +247,8 @@ def train_local(
             idx = M.poisson_sample(n, dp.sample_rate, generator=generator)
         else:
             idx = torch.randperm(n, generator=generator, device=generator.device)[: min(batch_size, n)].cpu()
-        chosen = [int(i) for i in idx.tolist()]
-        chosen = [chosen[j] for j in by_length([data[i] for i in chosen])]
+        picked: list[int] = idx.tolist()
+        chosen = [picked[j] for j in by_length([data[i] for i in picked])]  # a sum over examples: order is free
         mbs = microbatch(
             [data[i] for i in chosen], microbatch_size, pad_id=pad_id, device=device,
             prefix=prefix.take(chosen) if prefix is not None else None,

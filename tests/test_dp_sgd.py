@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dplora_core.adapters import load_adapter_state
-from dplora_core.batching import collate, encode, label_token_ids
+from dplora_core.batching import by_length, collate, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
 from dplora_core.model import attach_lora, init_lora_state, load_base_model
@@ -17,7 +17,6 @@ from dplora_core.train import (
     DpSgdParams,
     PaperDpParams,
     answer_nll,
-    by_length,
     dp_gradients,
     microbatch,
     plain_gradients,
