@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from interleaved import interleaved_medians  # bench/, beside this script
 
 from dplora_core.batching import Encoded, by_length, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
@@ -67,19 +67,12 @@ def main() -> None:
     buffer = PerExampleGrads(trainable_linears(model))
     model.train()
 
-    def step(batch: tuple[list[Encoded], FrozenPrefix]) -> float:
-        t = time.perf_counter()
+    def step(batch: tuple[list[Encoded], FrozenPrefix]) -> None:
         mbs = microbatch(batch[0], args.microbatch, pad_id=pad, device=device, prefix=batch[1])
         model.zero_grad(set_to_none=True)
         dp_gradients(model, mbs, dp=dp, expected_batch_size=len(records), generator=gen, label_ids=ids, grads=buffer)
-        return time.perf_counter() - t
 
-    step(sampled), step(ordered)  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(args.repeats):
-        times[0].append(step(sampled))
-        times[1].append(step(ordered))
-    sampled_s, ordered_s = (statistics.median(t) for t in times)
+    sampled_s, ordered_s = interleaved_medians([lambda: step(sampled), lambda: step(ordered)], args.repeats)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"{time.strftime('%Y-%m-%d')} {machine}, bfloat16, last {args.last_n_layers} layers, "
           f"batch {args.batch} in micro-batches of {args.microbatch}")

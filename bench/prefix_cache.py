@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from interleaved import interleaved_medians  # bench/, beside this script
 
 from dplora_core.batching import Batch, collate, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
@@ -61,18 +61,11 @@ def main() -> None:
     buffer = PerExampleGrads(trainable_linears(model))
     model.train()
 
-    def step(mbs: list[Batch]) -> float:
-        t = time.perf_counter()
+    def step(mbs: list[Batch]) -> None:
         model.zero_grad(set_to_none=True)
         dp_gradients(model, mbs, dp=dp, expected_batch_size=len(items), generator=gen, label_ids=ids, grads=buffer)
-        return time.perf_counter() - t
 
-    step(full), step(fast)  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(args.repeats):
-        times[0].append(step(full))
-        times[1].append(step(fast))
-    full_s, fast_s = (statistics.median(t) for t in times)
+    full_s, fast_s = interleaved_medians([lambda: step(full), lambda: step(fast)], args.repeats)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"{time.strftime('%Y-%m-%d')} {machine}, batch {args.batch}, bfloat16, last {args.last_n_layers} layers")
     print("| frozen layers | DP step, no cache | DP step, cached | speed-up | states per record, once | "
