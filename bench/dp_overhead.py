@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from typing import Literal
 
 import torch
+from interleaved import interleaved_medians  # bench/, beside this script
 
 from dplora_core.batching import collate, encode
 from dplora_core.config import LoraConfig, ModelConfig
@@ -30,12 +29,6 @@ from dplora_core.train import DpSgdParams, answer_nll, dp_gradients, plain_gradi
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SENTENCE = "The company reported that operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the same period ."
-
-
-def step_seconds(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def measure(
@@ -75,14 +68,7 @@ def measure(
         factors = M.clip_factors(M.per_example_norms(flat), dp.max_grad_norm)
         M.add_gaussian_noise(M.clipped_sum(flat, factors), std=dp.noise_multiplier * dp.max_grad_norm, generator=gen)
 
-    fns = (plain, private, opacus)
-    for fn in fns:  # warm-up
-        fn()
-    times: list[list[float]] = [[], [], []]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times, strict=True):
-            t.append(step_seconds(fn))
-    plain_s, dp_s, opacus_s = (statistics.median(t) for t in times)
+    plain_s, dp_s, opacus_s = interleaved_medians([plain, private, opacus], repeats)
     return plain_s, dp_s, opacus_s
 
 
