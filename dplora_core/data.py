@@ -230,9 +230,13 @@ def prepare_splits(
     return {"train": train, "validation": validation, "test": test}
 
 
-def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
-    lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
-    atomic_write(path, lines.encode("utf-8"))
+def write_jsonl(path: Path, examples: Sequence[Example]) -> bool:
+    """Write `examples` one JSON object a line, unless `path` already holds exactly these bytes; True if written."""
+    payload = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples).encode("utf-8")
+    if path.is_file() and path.read_bytes() == payload:
+        return False
+    atomic_write(path, payload)
+    return True
 
 
 def read_jsonl(path: Path, *, labels: Sequence[str] | None = None) -> list[Example]:

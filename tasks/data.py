@@ -55,9 +55,9 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
         seed=d.split_seed, custom=d.custom,
     )
     labels = task_spec(d).labels
-    for name, examples in splits.items():
-        write_jsonl(split_path(d, name), examples)
-    forget_splits()
+    rewritten = [write_jsonl(split_path(d, name), examples) for name, examples in splits.items()]
+    if any(rewritten):  # unchanged splits keep their cached views (tokens, frozen-prefix states, zero-shot scores)
+        forget_splits()
     return {name: label_histogram(ex, labels) for name, ex in splits.items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,9 @@ ZERO_SHOT_SCORES: dict[tuple[object, ...], torch.Tensor] = {}
 
 def forget_splits() -> None:
     """Drop every cached view of the prepared splits (after they are rewritten)."""
-    for cached in (split_examples, split_encoded, split_prefix, eval_prompts):
+    for cached in (split_examples, split_encoded, eval_prompts):
         cached.cache_clear()
+    PREFIX_STATES.clear()
     ZERO_SHOT_SCORES.clear()
 
 
@@ -139,13 +141,24 @@ def eval_prefix(cfg: ExperimentConfig, split: str) -> FrozenPrefix | None:
         return split_prefix(cfg.model, cfg.lora, cfg.data, split)
 
 
-@functools.lru_cache(maxsize=3)  # train, validation, test of one setting: reused by every round and study cell
+# Frozen-prefix states by (model, data, split, frozen layers): train, validation and test at two depths.
+PREFIX_STATES: OrderedDict[tuple[object, ...], FrozenPrefix | None] = OrderedDict()
+PREFIX_SETTINGS_KEPT = 6
+
+
 def split_prefix(model_cfg: ModelConfig, lora_cfg: LoraConfig, data: DataConfig, split: str) -> FrozenPrefix | None:
     """States entering the first LoRA layer for every record of a split (with answers for train, prompts only
-    otherwise); they depend on neither adapter nor client, so one pass serves all rounds, clients and runs."""
+    otherwise). They depend on neither adapter nor client, nor on the LoRA rank or modules: only on how many
+    leading layers hold no adapter. So one pass serves all rounds, clients and study cells of that depth."""
     if not model_cfg.cache_frozen_prefix:
         return None
-    return frozen_prefix(model_cfg, lora_cfg, split_encoded(model_cfg, lora_cfg, data, split))
+    key = (model_cfg, data, split, frozen_layers(workspace(model_cfg, lora_cfg).model))
+    if key not in PREFIX_STATES:
+        PREFIX_STATES[key] = frozen_prefix(model_cfg, lora_cfg, split_encoded(model_cfg, lora_cfg, data, split))
+        if len(PREFIX_STATES) > PREFIX_SETTINGS_KEPT:
+            PREFIX_STATES.popitem(last=False)  # the oldest
+    PREFIX_STATES.move_to_end(key)
+    return PREFIX_STATES[key]
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from dplora_core.data import (
     read_pubmedqa,
     stratified_split,
 )
+from tests.helpers import tiny_config
 
 
 def test_financial_phrasebank_parses_latin1(raw_dir: Path) -> None:
@@ -142,3 +143,30 @@ def test_custom_splits_are_stratified(tmp_path: Path) -> None:
     )
     assert {k: len(v) for k, v in splits.items()} == {"train": 72, "validation": 8, "test": 20}
     assert sum(e.label == "good" for e in splits["test"]) == 10
+
+
+def test_preparing_unchanged_splits_keeps_files_and_cached_views(tmp_path: Path, raw_dir: Path) -> None:
+    from tasks.data import prepare_data
+    from tasks.runtime import split_examples, split_path
+
+    cfg = tiny_config(tmp_path / "no-model", tmp_path, raw_dir)
+    prepare_data.fn(cfg)
+    written = split_path(cfg.data, "train").stat().st_mtime_ns
+    split_examples(cfg.data, "train")
+    prepare_data.fn(cfg)
+    hits = split_examples.cache_info().hits
+    split_examples(cfg.data, "train")
+    assert split_examples.cache_info().hits == hits + 1
+    assert split_path(cfg.data, "train").stat().st_mtime_ns == written
+
+
+def test_preparing_changed_splits_drops_the_cached_views(tmp_path: Path, raw_dir: Path) -> None:
+    from tasks.data import prepare_data
+    from tasks.runtime import split_examples
+
+    cfg = tiny_config(tmp_path / "no-model", tmp_path, raw_dir)
+    prepare_data.fn(cfg)
+    before = split_examples(cfg.data, "train")
+    reshuffled = cfg.model_copy(update={"data": cfg.data.model_copy(update={"split_seed": 1})})
+    prepare_data.fn(reshuffled)  # the same files, other records
+    assert split_examples(cfg.data, "train") != before

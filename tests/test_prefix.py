@@ -135,3 +135,22 @@ def test_a_federated_run_with_the_cache_trains_the_same_adapter_as_one_without(
     assert any(v.abs().sum() > 0 for k, v in adapters[1].items() if "lora_B" in k)  # it trained
     for key, without in adapters[0].items():
         torch.testing.assert_close(adapters[1][key], without, rtol=1e-4, atol=1e-6)
+
+
+def test_runs_of_one_depth_share_frozen_states_whatever_the_rank(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.data import prepare_data
+    from tasks.runtime import split_prefix
+    from tests.helpers import tiny_config
+
+    def prefix(**lora: object) -> FrozenPrefix | None:
+        overrides = {f"lora__{k}": v for k, v in lora.items()}
+        cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, model__cache_frozen_prefix=True, **overrides)
+        prepare_data.fn(cfg)
+        return split_prefix(cfg.model, cfg.lora, cfg.data, "validation")
+
+    top = prefix(last_n_layers=1, rank=2)
+    assert top is not None
+    assert prefix(last_n_layers=1, rank=1, alpha=2) is top
+    assert prefix(last_n_layers=2, rank=2) is not top
