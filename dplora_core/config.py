@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+LoraInitA = Literal["kaiming", "svd"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,6 +59,12 @@ class LoraConfig(_Strict):
     )
     freeze_a: bool = Field(
         False, description="FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B trains and travels."
+    )
+    init_a: LoraInitA = Field(
+        "kaiming",
+        description="A's start: kaiming-uniform from the federation seed, or svd: the top-r right singular "
+        "vectors of each frozen weight (public weights only, no privacy cost; with freeze_a, the directions "
+        "each layer's update reads).",
     )
 
 

@@ -12,7 +12,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dplora_core.config import LoraConfig, ModelConfig
+from dplora_core.config import LoraConfig, LoraInitA, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,19 +108,36 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return peft_model
 
 
-def init_lora_state(model: PeftModel, *, seed: int) -> dict[str, torch.Tensor]:
-    """Initial adapter: A ~ kaiming-uniform (a=sqrt(5), as peft) from an explicit generator, B = 0."""
+def init_lora_state(model: PeftModel, *, seed: int, init_a: LoraInitA = "kaiming") -> dict[str, torch.Tensor]:
+    """Initial adapter, B = 0. A (r, in) is kaiming-uniform (a=sqrt(5), as peft) from an explicit generator,
+    or with init_a="svd" the top-r right singular vectors of the module's frozen weight at kaiming's expected
+    row norm: computed from the public pretrained weights alone, so it costs no privacy."""
     from dplora_core.adapters import adapter_state
 
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, t in adapter_state(model).items():
-        if "lora_A" in key:
+        if "lora_A" not in key:
+            state[key] = torch.zeros(t.shape, dtype=torch.float32)
+        elif init_a == "svd":
+            layer: Any = model.get_submodule(key.split(".lora_A")[0])  # peft's LoraLayer around the frozen Linear
+            state[key] = top_right_singular_vectors(layer.base_layer.weight, t.shape[0]) / math.sqrt(3.0)
+        else:
             bound = 1.0 / math.sqrt(t.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in)
             state[key] = (torch.rand(t.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
-        else:
-            state[key] = torch.zeros(t.shape, dtype=torch.float32)
     return state
+
+
+def top_right_singular_vectors(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """(r, in): unit rows spanning the input directions `weight` (out, in) amplifies most, each signed so
+    that its largest entry is positive (SVD signs are otherwise up to the LAPACK build)."""
+    _, _, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)  # vh: (min(out, in), in)
+    if r > vh.shape[0]:
+        raise ValueError(f"lora.init_a=svd: rank {r} exceeds the {vh.shape[0]} singular vectors of a "
+                         f"{tuple(weight.shape)} weight; lower lora.rank")
+    top = vh[:r].clone()
+    signs = torch.sign(top.gather(1, top.abs().argmax(dim=1, keepdim=True)))  # (r, 1)
+    return (top * signs).contiguous()
 
 
 def backbone_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:

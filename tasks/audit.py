@@ -58,7 +58,8 @@ def train_and_score(
     generator = noise_generator(p.noise_seed, AUDIT_KEY, 0 if dp is not None else 1, device=device)
     label_ids = label_ids_of(cfg)
     with ws.lock:
-        load_adapter_state(ws.model, init_lora_state(ws.model, seed=f.seed), source="initial adapter")
+        initial = init_lora_state(ws.model, seed=f.seed, init_a=cfg.lora.init_a)
+        load_adapter_state(ws.model, initial, source="initial adapter")
         result = train_local(
             ws.model, data, steps=f.rounds * f.local_steps, batch_size=f.batch_size,
             microbatch_size=f.microbatch_size, learning_rate=f.learning_rate, pad_id=ws.pad_id,

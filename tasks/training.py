@@ -123,9 +123,10 @@ def check_delta(delta: float, n: int, who: str) -> None:
 
 @task(name="init-adapter", cache_policy=NO_CACHE)
 def init_adapter(cfg: ExperimentConfig) -> GlobalModel:
-    """The round-0 global adapter: random A (seeded), zero B."""
+    """The round-0 global adapter: A seeded (or from the frozen weights, lora.init_a), zero B."""
     ws = workspace(cfg.model, cfg.lora)
-    return GlobalModel(round=0, adapter=to_bytes(init_lora_state(ws.model, seed=cfg.federation.seed)))
+    initial = init_lora_state(ws.model, seed=cfg.federation.seed, init_a=cfg.lora.init_a)
+    return GlobalModel(round=0, adapter=to_bytes(initial))
 
 
 @task(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,36 @@ def test_upload_under_freeze_a_holds_only_b(tiny_model_dir: Path) -> None:
     up = upload_state(state, freeze_a=True)
     assert up and all(".lora_B." in k for k in up)
     assert set(upload_state(state, freeze_a=False)) == set(state)
+
+
+def test_svd_initial_a_reads_the_directions_the_frozen_weight_amplifies_most(tiny_model_dir: Path) -> None:
+    model, _ = lora_model(tiny_model_dir)
+    state = init_lora_state(model, seed=0, init_a="svd")
+    key = next(k for k in state if "lora_A" in k)
+    weight = model.get_submodule(key.split(".lora_A")[0]).base_layer.weight.detach().float()  # (out, in)
+    a = state[key]  # (r, in)
+    top = torch.linalg.svdvals(weight)[: a.shape[0]]
+    torch.testing.assert_close(torch.linalg.vector_norm(weight @ a.T, dim=0) * math.sqrt(3.0), top)
+    torch.testing.assert_close(a.norm(dim=1), torch.full((a.shape[0],), 1 / math.sqrt(3.0)))  # kaiming's row norm
+    assert all("lora_A" in k or v.abs().sum() == 0 for k, v in state.items())  # B = 0: still the base model
+
+
+def test_svd_initial_a_is_the_same_for_every_seed(tiny_model_dir: Path) -> None:
+    model, _ = lora_model(tiny_model_dir)
+    first, second = init_lora_state(model, seed=0, init_a="svd"), init_lora_state(model, seed=1, init_a="svd")
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value)
+
+
+def test_the_federation_starts_from_the_configured_initial_a(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.runtime import workspace
+    from tasks.training import init_adapter
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, lora__init_a="svd")
+    expected = init_lora_state(workspace(cfg.model, cfg.lora).model, seed=cfg.federation.seed, init_a="svd")
+    initial = from_bytes(init_adapter.fn(cfg).adapter, source="test")
+    for key, value in expected.items():
+        torch.testing.assert_close(initial[key], value)
