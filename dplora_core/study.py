@@ -36,8 +36,9 @@ class StudyConfig(BaseModel):
     axes: dict[str, dict[str, Overrides]] = Field(
         description="axis -> level -> dotted overrides; the grid is their product (insertion order)."
     )
-    exclude: tuple[dict[str, str], ...] = Field(
-        (), description="Cells to skip, each as {axis: level, ...} (all must match)."
+    exclude: tuple[dict[str, str | list[int]], ...] = Field(
+        (), description="Cells to skip, each as {axis: level, ...} (all must match); with `seeds: [...]`, only "
+        "on those seeds (a screen: a level ruled out on the first seed is not repeated).",
     )
     results_doc: str | None = Field(None, description="Markdown file whose study section is rewritten.")
     frontier: str | None = Field(
@@ -54,7 +55,10 @@ class StudyConfig(BaseModel):
             raise ValueError(f"frontier: {self.frontier} is not an axis")
         for rule in self.exclude:
             for axis, level in rule.items():
-                if level not in self.axes.get(axis, {}):
+                if axis == "seeds":
+                    if not isinstance(level, list) or not set(level) <= set(self.seeds):
+                        raise ValueError(f"exclude: seeds={level} must be a list of the study's seeds")
+                elif not isinstance(level, str) or level not in self.axes.get(axis, {}):
                     raise ValueError(f"exclude: {axis}={level} is not a level of the axes")
         return self
 
@@ -104,7 +108,7 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
     # seeds outermost: an interrupted study already has every cell once before any cell twice
     for seed, combo in itertools.product(study.seeds, itertools.product(*[list(v.items()) for _, v in axes])):
         levels = {axis: level for (axis, _), (level, _) in zip(axes, combo, strict=True)}
-        if any(all(levels.get(a) == lv for a, lv in rule.items()) for rule in study.exclude):
+        if any(excludes(rule, levels, seed) for rule in study.exclude):
             continue
         tree = copy.deepcopy(base)
         for _, overrides in [("common", study.common), *combo]:
@@ -118,6 +122,12 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
         except ValidationError as err:
             raise ConfigError(describe_errors(f"study {study.name}, cell {name}: invalid config", err)) from err
     return cells
+
+
+def excludes(rule: dict[str, str | list[int]], levels: dict[str, str], seed: int) -> bool:
+    """Whether an `exclude` rule drops the cell at `levels` on `seed` (every named axis matches, and the seed
+    is one of the rule's seeds if it names any)."""
+    return all(seed in value if axis == "seeds" else levels.get(axis) == value for axis, value in rule.items())
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -48,6 +48,17 @@ def test_a_bad_override_names_the_cell_and_the_field() -> None:
         expand(study, BASE)
 
 
+def test_an_exclusion_with_seeds_drops_the_cell_on_those_seeds_only() -> None:
+    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1, 2), axes={"privacy": AXES["privacy"]},
+                        exclude=({"privacy": "nodp", "seeds": [1, 2]},))
+    assert [c.config.name for c in expand(study, BASE)] == ["s-eps4-s0", "s-nodp-s0", "s-eps4-s1", "s-eps4-s2"]
+
+
+def test_an_exclusion_naming_a_seed_the_study_does_not_run_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"exclude: seeds=\[3\] must be a list of the study's seeds"):
+        StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES, exclude=({"privacy": "nodp", "seeds": [3]},))
+
+
 def test_an_exclusion_naming_an_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="exclude: privacy=eps9"):
         StudyConfig(name="s", base="b.yaml", axes=AXES, exclude=({"privacy": "eps9"},))
