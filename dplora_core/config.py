@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 LoraInitA = Literal["kaiming", "svd"]
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,7 +59,7 @@ class LoraConfig(_Strict):
         None, ge=1, description="Adapt only the top N transformer blocks (None: all)."
     )
     freeze_a: bool = Field(
-        False, description="FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded init, only B trains and travels."
+        False, description="FFA-LoRA (Sun et al., ICLR 2024): A stays at its initial value, only B trains and travels."
     )
     init_a: LoraInitA = Field(
         "kaiming",
