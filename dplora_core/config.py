@@ -34,8 +34,11 @@ class ModelConfig(_Strict):
     converted_dir: str = Field(
         "models/smollm2-135m-instruct", description="Where a GGUF model is converted to."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the frozen base weights; LoRA weights stay float32."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Dtype of the frozen base weights; LoRA weights stay float32. auto: bfloat16 where the device "
+        "multiplies bfloat16 matrices natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX), else "
+        "float32 (dplora_core.model.resolve_dtype).",
     )
     max_seq_len: int = Field(128, ge=8, le=32768, description="Prompt + answer tokens.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware. Without it (a CPU with AVX2 only), torch falls
+    back to a scalar kernel: a DP step in bfloat16 took 28x as long as in float32 (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 where `device` computes it natively, else float32; any other name as it says."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return DTYPES[name]
 
 
 def resolve_source(path: str) -> str:
@@ -76,10 +92,17 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype])
+    device = resolve_device(cfg.device)
+    if cfg.dtype == "bfloat16" and not native_bfloat16(device):
+        warnings.warn(
+            f"model.dtype: bfloat16 on a {device.type} without native bfloat16 matrix multiply: expect training "
+            "many times slower than in float32 (model.dtype: auto picks float32 here)",
+            stacklevel=2,
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(cfg.dtype, device))
     model.requires_grad_(False)
     model.eval()
-    model.to(resolve_device(cfg.device))  # type: ignore[arg-type]  # transformers' to() stub is too narrow
+    model.to(device)  # type: ignore[arg-type]  # transformers' to() stub is too narrow
     return model, tokenizer
 
 

@@ -30,6 +30,7 @@ from dplora_core.checkpoint import (
 from dplora_core.config import ExperimentConfig, RunnerConfig, field_defaults
 from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
+from dplora_core.model import resolve_device, resolve_dtype
 from dplora_core.privacy.accountant import (
     SHORT_RELATIONS,
     DpSgdRun,
@@ -168,7 +169,8 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         plan = plan_noise(cfg)
         run = ExperimentRun(cfg)
         p = cfg.privacy
-        run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy"})
+        run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy",
+                      "dplora.base_dtype": base_dtype(cfg)})
         state = RunState(init_adapter(cfg), plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
         log_label_histograms(cfg, run)
         return state, run
@@ -192,6 +194,11 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
     run.reopen()
     return state, run
+
+
+def base_dtype(cfg: ExperimentConfig) -> str:
+    """The frozen weights' dtype this machine runs (model.dtype, with auto resolved), e.g. "float32"."""
+    return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
 
 
 def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
@@ -477,6 +484,7 @@ def write_outputs(
         },
         "history": state.history,
         "train_seconds": state.train_seconds,
+        "base_dtype": base_dtype(cfg),
         "config": cfg.model_dump(mode="json"),
     }
     atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())

@@ -206,6 +206,14 @@ def test_fixed_noise_seed_is_flagged_in_the_guarantee_and_recorded_as_a_run_tag(
     assert tags["dplora.noise_seed"] == str(cfg.privacy.noise_seed)
 
 
+def test_the_frozen_weights_dtype_run_is_recorded_in_training_json_and_as_a_run_tag(finished) -> None:
+    cfg, metrics = finished
+    training = json.loads((cfg.run_dir / "training.json").read_text())
+    assert training["base_dtype"] == "float32" == cfg.model.dtype
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["dplora.base_dtype"] == "float32"
+
+
 def test_demo_shape_freeze_a_with_os_entropy_noise(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
