@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware. Without it (a CPU with AVX2 only), torch falls
-    back to a scalar kernel: a DP step in bfloat16 took 28x as long as in float32 (docs/benchmarks.md)."""
+    back to a scalar kernel: a DP step in bfloat16 took 27x as long as in float32 (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
