@@ -2,8 +2,9 @@
 
 Per round, the coordinator writes the global adapter once; each silo reads it and writes back its update:
 the adapter (safetensors, never pickle) and a small JSON record of what it is (client, round, record
-count, DP run, the silo's flow run id, the adapter's sha256). These files are all that crosses besides the
-deployment parameters (the experiment config, the round, the noise multiplier); no record ever does.
+count, DP run, the dtype its frozen weights ran in, the silo's flow run id, the adapter's sha256). These
+files are all that crosses besides the deployment parameters (the experiment config, the round, the noise
+multiplier); no record ever does.
 
 A round's folder is named by the round and a hash of the config and the global adapter, so a retried or
 resumed round finds the update its silo already released for exactly that input, and the silo sends that
@@ -55,7 +56,7 @@ def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
     record = {
         "client_id": update.client_id, "round": update.round, "num_examples": update.num_examples,
         "train_loss": update.train_loss, "dp_run": asdict(update.dp_run) if update.dp_run else None,
-        "sender": sender, "sha256": hashlib.sha256(update.adapter).hexdigest(),
+        "base_dtype": update.base_dtype, "sender": sender, "sha256": hashlib.sha256(update.adapter).hexdigest(),
     }
     atomic_write(directory / f"client-{update.client_id}.json", json.dumps(record).encode())
     return adapter
@@ -84,8 +85,12 @@ def read_update(directory: Path, client_id: int, round_num: int, *, sender: str)
         raise AdapterError(f"{who}: says client {record.get('client_id')}, round {record.get('round')}")
     if hashlib.sha256(adapter).hexdigest() != record.get("sha256"):
         raise AdapterError(f"{who}: the adapter's sha256 differs from the one its record names")
+    missing = sorted({"num_examples", "train_loss", "dp_run", "base_dtype"} - record.keys())
+    if missing:
+        raise AdapterError(f"{who}: the record lacks {', '.join(missing)}")
     dp_run = record["dp_run"]
     return ClientUpdate(
         client_id=client_id, round=round_num, num_examples=int(record["num_examples"]), adapter=adapter,
         train_loss=record["train_loss"], dp_run=DpSgdRun(**dp_run) if dp_run else None,
+        base_dtype=str(record["base_dtype"]),
     )

@@ -28,6 +28,7 @@ class ClientUpdate:
     adapter: bytes  # safetensors; already noised when DP is on
     train_loss: float | None  # only without DP: a raw loss is not covered by the DP guarantee
     dp_run: DpSgdRun | None  # None in mode 'none'
+    base_dtype: str  # the client's frozen weights, e.g. "bfloat16" (model.dtype: auto resolves per machine)
 
 
 class TrainRequest(BaseModel):

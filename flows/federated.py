@@ -201,6 +201,14 @@ def base_dtype(cfg: ExperimentConfig) -> str:
     return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
 
 
+def client_base_dtypes(cfg: ExperimentConfig, history: list[dict[str, Any]]) -> list[str] | None:
+    """Every dtype a client's frozen weights trained in (a Dask, Ray or silo host resolves `auto` on its own
+    hardware); None where participation is private (mode client)."""
+    if participation_is_private(cfg):
+        return None
+    return sorted({dtype for row in history for dtype in row.get("base_dtypes") or ()})
+
+
 def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
     """Simulation: each client's label histogram as a plot in MLflow (cross-silo: the silos keep theirs)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,6 +367,7 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
             "per_client": None if private else per_client_numbers(updates, per_ledger),
+            "base_dtypes": None if private else sorted({u.base_dtype for u in updates}),
         }
     )
 
@@ -447,6 +456,7 @@ def write_outputs(
     guarantee = describe_guarantee(
         mode=p.mode, epsilon=epsilon, delta=p.delta, kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None
     )
+    dtypes = client_base_dtypes(cfg, state.history)
     out = cfg.run_dir
     adapter_path = out / "adapter.safetensors"
     atomic_write(adapter_path, state.global_model.adapter)
@@ -484,13 +494,16 @@ def write_outputs(
         },
         "history": state.history,
         "train_seconds": state.train_seconds,
-        "base_dtype": base_dtype(cfg),
+        "base_dtype": base_dtype(cfg),  # this process: where the flow validates (threads runner: trains too)
+        "client_base_dtypes": dtypes,
         "config": cfg.model_dump(mode="json"),
     }
     atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
     run.log_artifact(adapter_path, "adapter")
     run.log_artifact(out / "training.json")
     run.set_tags({"dplora.guarantee": guarantee})
+    if dtypes is not None:
+        run.set_tags({"dplora.client_base_dtypes": ",".join(dtypes)})
     if stopped:
         run.set_tags({"dplora.stopped_by_budget_guard": stopped})
     if np.isfinite(epsilon):

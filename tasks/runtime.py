@@ -31,6 +31,11 @@ class Workspace:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def base_dtype(self) -> str:
+        """The frozen weights' dtype in this process (model.dtype: auto resolves per machine), e.g. "float32"."""
+        return str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
 
 @functools.cache
 def workspace(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Workspace:

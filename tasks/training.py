@@ -196,7 +196,7 @@ def local_update(
                           generator=generator)
         ),
         # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.
-        train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run,
+        train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run, base_dtype=ws.base_dtype,
     )
 
 

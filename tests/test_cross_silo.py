@@ -104,5 +104,6 @@ def test_two_silos_train_the_same_adapter_without_the_coordinator_opening_their_
     up = sum(p.stat().st_size for p in exchange.glob("round-*/client-*.safetensors"))
     down = sum(p.stat().st_size * len(SILOS) for p in exchange.glob("round-*/global.safetensors"))
     assert (summary["bytes"]["up"], summary["bytes"]["down"]) == (up, down) and summary["rounds"] == 2
+    assert summary["client_base_dtypes"] == ["float32"]  # from the silos' update records
     # Same records, same seeds: the silos' deployments compute exactly what the simulation computed.
     assert (cfg.run_dir / "adapter.safetensors").read_bytes() == (sim_cfg.run_dir / "adapter.safetensors").read_bytes()

@@ -24,13 +24,23 @@ SILOS = [{"name": "bank-a", "num_examples": 3}, {"name": "bank-b", "num_examples
 
 def an_update(client_id: int = 1, round_num: int = 2) -> ClientUpdate:
     adapter = to_bytes({"layer.lora_B.weight": torch.ones(2, 3)})
-    return ClientUpdate(client_id, round_num, 4, adapter, None, DpSgdRun(0.25, 1.3, 5))
+    return ClientUpdate(client_id, round_num, 4, adapter, None, DpSgdRun(0.25, 1.3, 5), "bfloat16")
 
 
 def test_an_update_round_trips_through_the_exchange_folder(tmp_path: Path) -> None:
     update = an_update()
     exchange.write_update(tmp_path, update, sender="run-1")
     assert exchange.read_update(tmp_path, 1, 2, sender="run-1") == update
+
+
+def test_an_update_record_without_the_clients_dtype_is_refused_by_name(tmp_path: Path) -> None:
+    exchange.write_update(tmp_path, an_update(), sender="run-1")
+    record_path = tmp_path / "client-1.json"
+    record = json.loads(record_path.read_text())
+    del record["base_dtype"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*lacks base_dtype"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-1")
 
 
 def test_the_global_adapter_round_trips(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from dplora_core.adapters import AdapterError, from_bytes, to_bytes
 from dplora_core.messages import ClientUpdate
+from flows.federated import client_base_dtypes
 from flows.pipeline import dplora_pipeline
 from tasks.training import aggregate, init_adapter, plan_noise
 from tests.helpers import tiny_config
@@ -133,8 +134,10 @@ def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
     state = from_bytes(global_model.adapter, source="test")
     key = next(iter(state))
     bad = to_bytes(state | {key: torch.full_like(state[key], float("inf"))})
-    good = ClientUpdate(client_id=0, round=1, num_examples=5, adapter=global_model.adapter, train_loss=1.0, dp_run=None)
-    evil = ClientUpdate(client_id=1, round=1, num_examples=5, adapter=bad, train_loss=1.0, dp_run=None)
+    good = ClientUpdate(client_id=0, round=1, num_examples=5, adapter=global_model.adapter, train_loss=1.0, dp_run=None,
+                        base_dtype="float32")
+    evil = ClientUpdate(client_id=1, round=1, num_examples=5, adapter=bad, train_loss=1.0, dp_run=None,
+                        base_dtype="float32")
     with pytest.raises(AdapterError, match=r"client 1 update, round 1: .* non-finite"):
         aggregate.fn(cfg, global_model, [good, evil])
 
@@ -146,7 +149,7 @@ def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
     state = from_bytes(global_model.adapter, source="test")
     b_keys = [k for k in state if ".lora_B." in k]
     updates = [
-        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None,
+        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None, base_dtype="float32",
                      adapter=to_bytes({k: torch.full_like(state[k], value) for k in b_keys}))
         for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
     ]
@@ -212,6 +215,23 @@ def test_the_frozen_weights_dtype_run_is_recorded_in_training_json_and_as_a_run_
     assert training["base_dtype"] == "float32" == cfg.model.dtype
     tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
     assert tags["dplora.base_dtype"] == "float32"
+
+
+def test_each_rounds_client_dtypes_are_recorded_from_the_updates(finished) -> None:
+    cfg, metrics = finished
+    training = json.loads((cfg.run_dir / "training.json").read_text())
+    assert [row["base_dtypes"] for row in training["history"]] == [["float32"]] * cfg.federation.rounds
+    assert training["client_base_dtypes"] == ["float32"]
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["dplora.client_base_dtypes"] == "float32"
+
+
+def test_client_dtypes_are_the_union_over_rounds_and_withheld_where_participation_is_private(tmp_path: Path) -> None:
+    history = [{"base_dtypes": ["float32"]}, {"base_dtypes": ["bfloat16", "float32"]}, {"base_dtypes": None}]
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path)
+    assert client_base_dtypes(cfg, history) == ["bfloat16", "float32"]
+    client_level = tiny_config(tmp_path, tmp_path, tmp_path, privacy__mode="client")
+    assert client_base_dtypes(client_level, history) is None
 
 
 def test_demo_shape_freeze_a_with_os_entropy_noise(
