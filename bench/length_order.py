@@ -1,11 +1,12 @@
 """Time of one DP-SGD logical batch in micro-batches of similar lengths over the same batch in sampled order.
 
-    python bench/length_order.py [--repeats 5] [--batch 128] [--microbatch 16] [--last-n-layers 4]
+    python bench/length_order.py [--repeats 5] [--batch 128] [--microbatch 16] [--last-n-layers 4] [--dtype auto]
 
 `train_local` sorts each logical batch by length before cutting it into micro-batches
 (`dplora_core.batching.by_length`), so a micro-batch pads to a length close to its records' own.
 The sum of clipped per-example gradients is the same in any order. The demo's model and adapter
-(SmolLM2-135M-Instruct in bfloat16, FFA-LoRA rank 4 on q_proj,v_proj), the frozen-prefix cache on,
+(SmolLM2-135M-Instruct with its frozen weights in --dtype, where auto is bfloat16 on a CPU with it natively
+and float32 otherwise; FFA-LoRA rank 4 on q_proj,v_proj), the frozen-prefix cache on,
 Financial PhraseBank training records in a random order. Ratios are medians over interleaved
 repeats, so machine noise hits both alike; the padded-token share of each order is exact.
 """
@@ -23,7 +24,7 @@ from interleaved import interleaved_medians  # bench/, beside this script
 from dplora_core.batching import Encoded, by_length, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example, read_jsonl
-from dplora_core.model import attach_lora, load_base_model
+from dplora_core.model import attach_lora, load_base_model, resolve_dtype
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 from dplora_core.privacy.grad_sample import PerExampleGrads, trainable_linears
 from dplora_core.train import DpSgdParams, dp_gradients, microbatch
@@ -46,10 +47,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--microbatch", type=int, default=16)
     parser.add_argument("--last-n-layers", type=int, default=4)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
 
     task = TASKS["financial_phrasebank"]
-    base, tok = load_base_model(ModelConfig(dtype="bfloat16"))
+    base, tok = load_base_model(ModelConfig(dtype=args.dtype))
     model = attach_lora(base, LoraConfig(rank=4, alpha=8, freeze_a=True, last_n_layers=args.last_n_layers))
     examples: list[Example] = read_jsonl(TRAIN, labels=task.labels)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[: args.batch].tolist()
@@ -74,7 +76,8 @@ def main() -> None:
 
     sampled_s, ordered_s = interleaved_medians([lambda: step(sampled), lambda: step(ordered)], args.repeats)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"{time.strftime('%Y-%m-%d')} {machine}, bfloat16, last {args.last_n_layers} layers, "
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    print(f"{time.strftime('%Y-%m-%d')} {machine}, {dtype}, last {args.last_n_layers} layers, "
           f"batch {args.batch} in micro-batches of {args.microbatch}")
     print("| order | padding | DP batch | speed-up |")
     print("|---|---|---|---|")

@@ -1,12 +1,13 @@
 """Time of a DP-SGD step with the frozen-prefix cache over one without it, same batch, same process.
 
-    python bench/prefix_cache.py [--repeats 5] [--batch 16] [--last-n-layers 10]
+    python bench/prefix_cache.py [--repeats 5] [--batch 16] [--last-n-layers 10] [--dtype auto]
 
-The demo's model and adapter: SmolLM2-135M-Instruct in bfloat16, FFA-LoRA rank 4 on q_proj,v_proj
-of the last `--last-n-layers` of its 30 layers. Without the cache a step runs all 30 layers forward;
-with it only the layers holding LoRA, fed the states entering them (`dplora_core.prefix`). Also
-reported: the one-off cost of computing those states, per record, and the largest difference in the
-per-example losses (the states are computed in batches padded unlike the training batch).
+The demo's model and adapter: SmolLM2-135M-Instruct (frozen weights in --dtype; auto: bfloat16 where
+the CPU has it natively, else float32), FFA-LoRA rank 4 on q_proj,v_proj of the last `--last-n-layers`
+of its 30 layers. Without the cache a step runs all 30 layers forward; with it only the layers holding
+LoRA, fed the states entering them (`dplora_core.prefix`). Also reported: the one-off cost of computing
+those states, per record, and the largest difference in the per-example losses (the states are computed
+in batches padded unlike the training batch).
 Ratios are medians over interleaved repeats, so machine noise hits both alike.
 """
 
@@ -23,7 +24,7 @@ from interleaved import interleaved_medians  # bench/, beside this script
 from dplora_core.batching import Batch, collate, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example, read_jsonl
-from dplora_core.model import attach_lora, load_base_model
+from dplora_core.model import attach_lora, load_base_model, resolve_dtype
 from dplora_core.prefix import frozen_layers, prefix_states
 from dplora_core.privacy.grad_sample import PerExampleGrads, trainable_linears
 from dplora_core.train import DpSgdParams, answer_nll, dp_gradients
@@ -36,10 +37,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--last-n-layers", type=int, default=10)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
 
     task = TASKS["financial_phrasebank"]
-    base, tok = load_base_model(ModelConfig(dtype="bfloat16"))
+    base, tok = load_base_model(ModelConfig(dtype=args.dtype))
     model = attach_lora(base, LoraConfig(rank=4, alpha=8, freeze_a=True, last_n_layers=args.last_n_layers))
     examples: list[Example] = read_jsonl(TRAIN, labels=task.labels)[: 4 * args.batch]
     records = [encode(e, task, tok, max_len=128) for e in examples]
@@ -67,7 +69,8 @@ def main() -> None:
 
     full_s, fast_s = interleaved_medians([lambda: step(full), lambda: step(fast)], args.repeats)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"{time.strftime('%Y-%m-%d')} {machine}, batch {args.batch}, bfloat16, last {args.last_n_layers} layers")
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    print(f"{time.strftime('%Y-%m-%d')} {machine}, batch {args.batch}, {dtype}, last {args.last_n_layers} layers")
     print("| frozen layers | DP step, no cache | DP step, cached | speed-up | states per record, once | "
           "max loss difference |")
     print("|---|---|---|---|---|---|")
