@@ -21,7 +21,7 @@ SEED = 7
 def write_config(tiny_model_dir: Path, raw_dir: Path, out: Path) -> tuple[Path, Path]:
     """(config path, run directory) of a seeded 3-round run whose rounds last long enough to be killed in."""
     cfg = tiny_config(
-        tiny_model_dir, out, raw_dir, privacy__noise_seed=SEED, federation__rounds=3, federation__local_steps=150,
+        tiny_model_dir, out, raw_dir, privacy__noise_seed=SEED, federation__rounds=3, federation__local_steps=50,
         federation__microbatch_size=8,
     )
     out.mkdir(parents=True, exist_ok=True)
