@@ -19,15 +19,6 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: the cores shared
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The longest modules (minutes each: real model, subprocesses) start first, so `pytest -n` workers do
-# not end on one of them while the others idle. Modules stay whole (`--dist loadfile`).
-SLOW_FIRST = ("test_dvc.py", "test_resume_kill.py", "test_e2e.py", "test_cross_silo.py", "test_deployment_e2e.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order within a module kept
-
 
 def shared_data_dir() -> Path:
     """The reference datasets: the project's DVC copy if present, else ../shared/data."""
