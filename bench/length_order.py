@@ -24,7 +24,7 @@ from interleaved import interleaved_medians  # bench/, beside this script
 from dplora_core.batching import Encoded, by_length, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example, read_jsonl
-from dplora_core.model import attach_lora, load_base_model, resolve_dtype
+from dplora_core.model import attach_lora, dtype_name, load_base_model, resolve_dtype
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 from dplora_core.privacy.grad_sample import PerExampleGrads, trainable_linears
 from dplora_core.train import DpSgdParams, dp_gradients, microbatch
@@ -76,7 +76,7 @@ def main() -> None:
 
     sampled_s, ordered_s = interleaved_medians([lambda: step(sampled), lambda: step(ordered)], args.repeats)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    dtype = dtype_name(resolve_dtype(args.dtype, torch.device("cpu")))
     print(f"{time.strftime('%Y-%m-%d')} {machine}, {dtype}, last {args.last_n_layers} layers, "
           f"batch {args.batch} in micro-batches of {args.microbatch}")
     print("| order | padding | DP batch | speed-up |")

@@ -41,6 +41,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": the name model.dtype uses, for records and tables."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_source(path: str) -> str:
     """`pkg://name` -> the installed package's folder; anything else is returned unchanged."""
     if not path.startswith("pkg://"):

@@ -30,7 +30,7 @@ from dplora_core.checkpoint import (
 from dplora_core.config import ExperimentConfig, RunnerConfig, field_defaults
 from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
-from dplora_core.model import resolve_device, resolve_dtype
+from dplora_core.model import dtype_name, resolve_device, resolve_dtype
 from dplora_core.privacy.accountant import (
     SHORT_RELATIONS,
     DpSgdRun,
@@ -198,7 +198,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
 
 def base_dtype(cfg: ExperimentConfig) -> str:
     """The frozen weights' dtype this machine runs (model.dtype, with auto resolved), e.g. "float32"."""
-    return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
+    return dtype_name(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)))
 
 
 def client_base_dtypes(cfg: ExperimentConfig, history: list[dict[str, Any]]) -> list[str] | None:

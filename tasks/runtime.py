@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
 from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, task_spec
-from dplora_core.model import attach_lora, load_base_model
+from dplora_core.model import attach_lora, dtype_name, load_base_model
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 
 
@@ -34,7 +34,7 @@ class Workspace:
     @property
     def base_dtype(self) -> str:
         """The frozen weights' dtype in this process (model.dtype: auto resolves per machine), e.g. "float32"."""
-        return str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        return dtype_name(self.model.get_input_embeddings().weight.dtype)
 
 
 @functools.cache
