@@ -165,8 +165,8 @@ def paper_gradients(
     for params in lora_groups(model).values():
         if not params:
             continue
-        flat = torch.cat([_grad_or_zeros(p).flatten().float() for p in params])  # (d_block,)
-        clipped = flat * M.clip_factors(flat.norm().reshape(1), paper.max_grad_norm)  # (d_block,)
+        flat = torch.cat([_grad_or_zeros(p).flatten().float() for p in params]).unsqueeze(0)  # (1, d_block)
+        clipped = M.clipped_sum(flat, M.clip_factors(M.per_example_norms(flat), paper.max_grad_norm))  # (d_block,)
         noised = M.add_gaussian_noise(clipped, std=paper.noise_multiplier * paper.max_grad_norm, generator=generator)
         for p, g in zip(params, noised.split([p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p).to(p.dtype)

@@ -111,6 +111,14 @@ def test_clipped_per_example_gradients_never_exceed_c(tiny_model_dir: Path) -> N
         assert float(one.norm()) <= c * (1 + 1e-5)
 
 
+def test_a_non_finite_example_gradient_adds_nothing_to_the_clipped_sum() -> None:
+    g = torch.tensor([[1.0, 2.0], [float("inf"), 0.0], [3.0, 4.0], [float("nan"), 1.0]])  # (b, d)
+    factors = M.clip_factors(M.per_example_norms(g), 1.0)
+    finite_rows = g[[0, 2]]
+    expected = M.clipped_sum(finite_rows, M.clip_factors(M.per_example_norms(finite_rows), 1.0))
+    torch.testing.assert_close(M.clipped_sum(g, factors), expected)
+
+
 def test_gaussian_noise_has_the_calibrated_std() -> None:
     std = 0.7 * 1.3  # sigma * C
     noised = M.add_gaussian_noise(torch.zeros(200_000), std=std, generator=torch.Generator().manual_seed(0))

@@ -19,13 +19,19 @@ def per_example_norms(grad_samples: torch.Tensor) -> torch.Tensor:
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """min(1, C / ||g_i||) for each example: (b,). max_norm=inf means no clipping."""
-    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    """min(1, C / ||g_i||) for each example, 0 where ||g_i|| is inf or NaN: (b,). max_norm=inf means no clipping."""
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # (b,)
+    return torch.where(norms.isfinite(), factors, 0.0)
 
 
 def clipped_sum(grad_samples: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """sum_i factor_i * g_i: (b, d), (b,) -> (d,)."""
-    return factors.to(grad_samples.dtype) @ grad_samples
+    """sum_i factor_i * g_i: (b, d), (b,) -> (d,).
+
+    A row with an inf or NaN entry adds zero (0 * inf would be NaN): whatever one record computes, its
+    contribution stays within C, so it cannot turn the noised sum non-finite and show itself to the server.
+    """
+    finite = grad_samples.isfinite().all(dim=1, keepdim=True)  # (b, 1)
+    return factors.to(grad_samples.dtype) @ torch.where(finite, grad_samples, 0.0)
 
 
 def add_gaussian_noise(summed: torch.Tensor, *, std: float, generator: torch.Generator) -> torch.Tensor:
