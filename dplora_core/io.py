@@ -1,9 +1,11 @@
-"""Atomic file writes: write a sibling temporary file, then rename over the target."""
+"""Atomic file writes (a sibling temporary file, then a rename over the target), and JSON reads that name the file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: Path, payload: bytes) -> None:
@@ -20,3 +22,11 @@ def atomic_write(path: Path, payload: bytes) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in `path`; a file that does not parse raises ValueError naming it (and where)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err

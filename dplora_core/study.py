@@ -48,6 +48,8 @@ class StudyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _axes_have_levels(self) -> StudyConfig:
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ValueError(f"seeds: {list(self.seeds)} repeats a seed (a repeat would read back the same run)")
         for axis, levels in self.axes.items():
             if not levels:
                 raise ValueError(f"axes.{axis}: needs at least one level")
@@ -116,6 +118,9 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
                 set_dotted(tree, dotted, value)
         set_dotted(tree, "federation.seed", seed)
         name = "-".join([study.name, *levels.values(), f"s{seed}"])
+        if clash := next((c for c in cells if c.config.name == name), None):  # one run directory, two configs
+            raise ConfigError(f"study {study.name}: cells {clash.levels} and {levels} are both named {name} "
+                              "(rename a level)")
         set_dotted(tree, "name", name)
         try:
             cells.append(Cell(levels, seed, ExperimentConfig.model_validate(tree)))

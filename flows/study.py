@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint
 from dplora_core.config import ExperimentConfig, load_config
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, read_json
 from dplora_core.privacy.accountant import SHORT_RELATIONS
 from dplora_core.study import Cell, StudyConfig, expand, summarise
 from flows.federated import checkpoint_config_changes
@@ -50,10 +50,10 @@ def finished_run(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     if not (metrics.is_file() and training.is_file()):
         return None
     training_bytes = training.read_bytes()
-    record: dict[str, Any] = json.loads(training_bytes)
+    record: dict[str, Any] = read_json(training)
     if not _same_config(record["config"], cfg):
         return None
-    result: dict[str, Any] = json.loads(metrics.read_text())
+    result: dict[str, Any] = read_json(metrics)
     if "training_sha256" not in result:  # written before metrics.json recorded it: at least evaluated after
         return (result, record) if metrics.stat().st_mtime >= training.stat().st_mtime else None
     if result["training_sha256"] != hashlib.sha256(training_bytes).hexdigest():
@@ -85,7 +85,8 @@ def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
 def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """One cell's numbers and guarantee, flat, from its metrics.json and training.json."""
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
-    last = training["history"][-1]  # the last round on the validation split (the selection split)
+    # the last round on the validation split (the selection split); none if the budget guard stopped round 1
+    last = training["history"][-1] if training["history"] else {}
     f = cell.config.federation
     uploads = metrics["rounds"] * f.clients_per_round
     return {
@@ -123,7 +124,7 @@ def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
     path = record_path(study, cell)
     if path is None or not path.is_file():
         return None
-    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    record: dict[str, Any] = read_json(path)
     if not _same_config(record["config"], cell.config):
         return None  # the study was edited since: the cell runs again and its new record replaces this one
     return {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
@@ -177,31 +178,51 @@ def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = 
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
-        finished = finished_run(cell.config)
-        if finished is None and use_records and (row := recorded_row(study, cell)) is not None:
-            rows.append(row)
+        # one failed cell (its training, or a file of it that does not read) must not lose the others:
+        # it is listed and re-run next time
+        try:
+            row, ran = study_cell(study, cell, f"{i}/{len(cells)}", run_missing=run_missing, use_records=use_records)
+        except Exception as err:
+            failed[cell.config.name] = f"{type(err).__name__}: {err}"
+            log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
             continue
-        ran = finished is None and run_missing
-        if ran:
-            log.info("study %s: cell %d/%d, %s", study.name, i, len(cells), cell.config.name)
-            if superseded := set_aside_superseded(cell.config):
-                log.warning("study %s: %s was run with another config; moved to %s, starting afresh",
-                            study.name, cell.config.name, superseded)
-            start = time.monotonic()
-            try:
-                metrics = dplora_pipeline(cell.config, resume=True)
-                finished = metrics, json.loads((cell.config.run_dir / "training.json").read_text())
-            except Exception as err:  # one failed cell must not lose the others; it is listed and re-run next time
-                failed[cell.config.name] = f"{type(err).__name__}: {err}"
-                log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
-                continue
-            log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
-        if finished is not None:
-            rows.append(result_row(cell, *finished))
-            write_record(study, cell, rows[-1], finished[1])
+        if row is not None:
+            rows.append(row)
         if ran:
             publish(study, output_dir, rows, failed, len(cells))
     return publish(study, output_dir, rows, failed, len(cells))
+
+
+def study_cell(
+    study: StudyConfig, cell: Cell, position: str, *, run_missing: bool, use_records: bool
+) -> tuple[dict[str, Any] | None, bool]:
+    """One cell's table row (None if it has not finished and is not to run) and whether it trained now: read
+    back from its run directory, else from its committed record, else trained (resuming any checkpoint)."""
+    finished = finished_run(cell.config)
+    ran = finished is None
+    if finished is None:
+        if use_records and (row := recorded_row(study, cell)) is not None:
+            return row, False
+        if not run_missing:
+            return None, False
+        finished = train_cell(study, cell, position)
+    row = result_row(cell, *finished)
+    write_record(study, cell, row, finished[1])
+    return row, ran
+
+
+def train_cell(study: StudyConfig, cell: Cell, position: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one cell's pipeline (resuming its checkpoint; a superseded run directory is moved aside first)
+    and return its (metrics.json, training.json)."""
+    log = get_run_logger()
+    log.info("study %s: cell %s, %s", study.name, position, cell.config.name)
+    if superseded := set_aside_superseded(cell.config):
+        log.warning("study %s: %s was run with another config; moved to %s, starting afresh",
+                    study.name, cell.config.name, superseded)
+    start = time.monotonic()
+    metrics = dplora_pipeline(cell.config, resume=True)
+    log.info("study %s: %s done in %.0f s", study.name, cell.config.name, time.monotonic() - start)
+    return metrics, read_json(cell.config.run_dir / "training.json")
 
 
 def publish(

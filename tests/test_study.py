@@ -59,6 +59,18 @@ def test_an_exclusion_naming_a_seed_the_study_does_not_run_is_refused() -> None:
         StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES, exclude=({"privacy": "nodp", "seeds": [3]},))
 
 
+def test_a_repeated_seed_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"seeds: \[0, 0\] repeats a seed"):
+        StudyConfig(name="s", base="b.yaml", seeds=(0, 0), axes=AXES)
+
+
+def test_two_cells_with_the_same_name_are_refused() -> None:
+    study = StudyConfig(name="s", base="b.yaml", axes={"a": {"x-y": {}, "x": {}}, "b": {"z": {}, "y-z": {}}})
+    with pytest.raises(ConfigError, match=r"cells \{'a': 'x-y', 'b': 'z'\} and \{'a': 'x', 'b': 'y-z'\} are both "
+                       "named s-x-y-z-s0"):
+        expand(study, BASE)
+
+
 def test_an_exclusion_naming_an_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="exclude: privacy=eps9"):
         StudyConfig(name="s", base="b.yaml", axes=AXES, exclude=({"privacy": "eps9"},))
@@ -212,13 +224,17 @@ def test_a_study_without_finished_runs_replaces_an_old_table(tmp_path: Path) -> 
     assert "old" not in doc.read_text() and "0 of 2" in doc.read_text() and doc.read_text().startswith("intro")
 
 
-def fake_pipeline(calls: list[str]) -> Callable[[ExperimentConfig, bool], dict[str, object]]:
+ONE_ROUND = [{"round": 1, "val_accuracy": 0.7, "val_loss": 0.8}]
+
+
+def fake_pipeline(
+    calls: list[str], history: list[dict[str, float]] = ONE_ROUND
+) -> Callable[[ExperimentConfig, bool], dict[str, object]]:
     """Stands in for `dplora_pipeline`: writes a finished run's training.json and metrics.json."""
 
     def run(cfg: ExperimentConfig, resume: bool) -> dict[str, object]:
         calls.append(cfg.name)
-        training = json.dumps({"config": cfg.model_dump(mode="json"),
-                               "history": [{"round": 1, "val_accuracy": 0.7, "val_loss": 0.8}]}).encode()
+        training = json.dumps({"config": cfg.model_dump(mode="json"), "history": history}).encode()
         metrics = {"test": {"final": {"accuracy": 0.75, "macro_f1": 0.6}, "zero_shot": {"accuracy": 0.36},
                             "majority_class_accuracy": 0.59},
                    "privacy": {"epsilon": None, "delta": None, "mode": "none", "accountant": None, "guarantee": "none"},
@@ -300,3 +316,26 @@ def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_study_s_own_o
     assert version is not None and not version.endswith("+dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert str(flows.study.code_version(study)).endswith("+dirty")
+
+
+def test_a_cell_whose_files_do_not_read_is_listed_failed_and_the_others_still_count(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    run_study(study)
+    broken = tmp_path / "outputs" / "r-low-s0" / "training.json"
+    broken.write_text('{"config": ')  # e.g. a disk that filled up outside atomic_write
+    results = run_study(study)
+    assert [r["name"] for r in results["rows"]] == ["r-low-s1"] and calls == ["r-low-s0", "r-low-s1"]
+    assert results["failed"]["r-low-s0"].startswith(f"ValueError: {broken}: not valid JSON")
+
+
+def test_a_run_the_budget_guard_stopped_before_its_first_round_still_has_a_row(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline([], history=[]))
+    results = run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    assert [(r["name"], r["val_accuracy"], r["test_accuracy"]) for r in results["rows"]] == [
+        ("r-low-s0", None, 0.75), ("r-low-s1", None, 0.75)]
