@@ -157,9 +157,13 @@ def budget_guard(cfg: ExperimentConfig, state: RunState, events: dict[str, DpSgd
 
 
 def checkpoint_config_changes(cfg: ExperimentConfig, checkpoint: Checkpoint) -> list[str]:
-    """Fields of `cfg` that differ from the checkpoint's config and cannot change on resume."""
+    """Fields of `cfg` that differ from the checkpoint's config and cannot change on resume (rounds may
+    change, but not to fewer than the checkpoint has done: its adapter and epsilon are past them)."""
     saved, current = checkpoint.state["config"], cfg.flat()
-    return config_changes(saved, current, field_defaults(k for k in current if k not in saved))
+    changed = config_changes(saved, current, field_defaults(k for k in current if k not in saved))
+    if cfg.federation.rounds < checkpoint.round:
+        changed.append(f"federation.rounds ({cfg.federation.rounds}, fewer than the {checkpoint.round} done)")
+    return changed
 
 
 def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, ExperimentRun]:

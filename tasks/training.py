@@ -231,14 +231,21 @@ def screen_updates(
     cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], planned: dict[int, DpSgdRun]
 ) -> tuple[list[ClientUpdate], dict[int, str]]:
     """(updates that may be aggregated, {client: why rejected}): wrong keys or shapes, non-finite values,
-    unreadable bytes, or a DP run other than the planned one (modes sample, paper). Rejected updates
-    never reach the global adapter."""
+    unreadable bytes, a record count other than the client's known size (it weighs the average and set q),
+    or a DP run other than the planned one (modes sample, paper). Rejected updates never reach the global
+    adapter."""
     reference = upload_state(from_bytes(global_model.adapter, source="global adapter"), freeze_a=cfg.lora.freeze_a)
+    sizes = client_sizes(cfg)
     kept: list[ClientUpdate] = []
     rejected: dict[int, str] = {}
     for u in updates:
         try:
             _checked_update(cfg, u, reference)
+            if u.num_examples != sizes[u.client_id]:
+                raise AdapterError(
+                    f"client {u.client_id} update, round {u.round}: reports {u.num_examples} training records, "
+                    f"its known size is {sizes[u.client_id]}"
+                )
             if cfg.privacy.mode in ("sample", "paper") and u.dp_run != planned.get(u.client_id):
                 raise AdapterError(
                     f"client {u.client_id} update, round {u.round}: reported DP run {u.dp_run}, "

@@ -133,6 +133,26 @@ def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
     assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 1, 1]  # client 1 did release: charged
 
 
+def test_an_update_reporting_another_record_count_is_rejected_by_name(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedAvg weighs each update by its record count: one client claiming 10^12 records would be the average."""
+    import dataclasses
+
+    from prefect import task
+
+    @task(name="train-client-inflated")
+    def inflated(cfg, round_num, client_id, global_model, noise_multiplier):  # type: ignore[no-untyped-def]
+        update = training.train_client.fn(cfg, round_num, client_id, global_model, noise_multiplier)
+        return dataclasses.replace(update, num_examples=10**12) if client_id == 2 else update
+
+    monkeypatch.setattr(federated, "train_client", inflated)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
+    dplora_pipeline(cfg)
+    history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
+    assert history[0]["failed_clients"] == [2]
+
+
 def test_a_failed_silo_is_named_and_still_charged(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

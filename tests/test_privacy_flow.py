@@ -86,6 +86,13 @@ def test_resume_refuses_a_changed_config_naming_the_field(two_rounds) -> None:
         federated_finetune(other, resume=True)
 
 
+def test_resume_refuses_fewer_rounds_than_the_checkpoint_has_done(two_rounds) -> None:
+    cfg, _ = two_rounds
+    fewer = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})
+    with pytest.raises(CheckpointError, match=r"federation\.rounds \(1, fewer than the 2 done\)"):
+        federated_finetune(fewer, resume=True)
+
+
 def test_resume_continues_training_and_accounting(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
