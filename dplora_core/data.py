@@ -146,20 +146,38 @@ def read_custom(custom: CustomDataConfig) -> list[Example]:
         missing = [c for c in columns if c not in row]
         if missing:
             raise DataError(f"{path}, {where}: no column {missing[0]!r} (data.custom; found {sorted(row)})")
-        label, text = str(row[custom.label_column]).strip(), str(row[custom.text_column]).strip()
+        label = _cell(row, custom.label_column, path, where, numbers=True)
+        text = _cell(row, custom.text_column, path, where)
         if label not in word_of:
             raise DataError(f"{path}, {where}: unknown label {label!r} (data.custom.labels: {list(custom.labels)})")
         if not text:
             raise DataError(f"{path}, {where}: empty text in column {custom.text_column!r}")
-        question = str(row[custom.question_column]).strip() if custom.question_column else ""
+        question = _cell(row, custom.question_column, path, where) if custom.question_column else ""
         examples.append(Example(id=f"{path.stem}-{len(examples)}", text=text, label=word_of[label], question=question))
     if not examples:
         raise DataError(f"{path}: no records")
     return examples
 
 
+def _cell(row: dict[str, Any], column: str, path: Path, where: str, *, numbers: bool = False) -> str:
+    """One record's value in `column` as stripped text: a string (or, for a label, a number); a null, a list
+    or a short CSV row is an error naming the file, the record and the column, not the text 'None'."""
+    value = row[column]
+    if isinstance(value, str) or (numbers and isinstance(value, int | float) and not isinstance(value, bool)):
+        return str(value).strip()
+    raise DataError(f"{path}, {where}: column {column!r} holds {type(value).__name__} {value!r}, not text")
+
+
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for each record of a CSV with a header row, or of a JSONL file."""
+    """(where, record) for each record of a CSV with a header row, or of a JSONL file (UTF-8)."""
+    try:
+        yield from _parsed_rows(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of the decoded chunk: {err.reason}); "
+                        "save the file as UTF-8") from err
+
+
+def _parsed_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             for row_no, row in enumerate(csv.DictReader(f), start=2):
@@ -215,19 +233,26 @@ def prepare_splits(
     """Raw files (or your own file, dataset custom) -> {'train', 'validation', 'test'} examples."""
     if dataset == "custom":
         assert custom is not None
+        source = custom.path
         train, test = stratified_split(read_custom(custom), test_fraction, seed=seed)
-        train, validation = stratified_split(train, validation_fraction, seed=seed + 1)
-        return {"train": train, "validation": validation, "test": test}
-    files = [raw_dir / f for f in RAW_FILES[dataset]]
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"{f}: raw data file not found (run `dvc repro ingest` first)")
-    if dataset == "financial_phrasebank":
-        train, test = stratified_split(read_financial_phrasebank(files[0]), test_fraction, seed=seed)
     else:
-        train, test = read_pubmedqa(files[0], files[1])
+        files = [raw_dir / f for f in RAW_FILES[dataset]]
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{f}: raw data file not found (run `dvc repro ingest` first)")
+        source = str(files[0])
+        if dataset == "financial_phrasebank":
+            train, test = stratified_split(read_financial_phrasebank(files[0]), test_fraction, seed=seed)
+        else:
+            train, test = read_pubmedqa(files[0], files[1])
     train, validation = stratified_split(train, validation_fraction, seed=seed + 1)
-    return {"train": train, "validation": validation, "test": test}
+    splits = {"train": train, "validation": validation, "test": test}
+    if empty := [name for name, examples in splits.items() if not examples]:
+        sizes = ", ".join(f"{name} {len(examples)}" for name, examples in splits.items())
+        raise DataError(f"{source}: empty {' and '.join(empty)} split ({sizes} records with data.test_fraction = "
+                        f"{test_fraction:g}, data.validation_fraction = {validation_fraction:g}); more records or "
+                        "larger fractions")
+    return splits
 
 
 def write_jsonl(path: Path, examples: Sequence[Example]) -> bool:

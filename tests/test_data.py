@@ -121,6 +121,9 @@ def test_a_custom_jsonl_with_a_question_column(tmp_path: Path) -> None:
         ('{"sentence": "a", "y": "0"}\nnot json\n', ".jsonl", r"corpus\.jsonl, line 2: not JSON"),
         ("sentence,y\n", ".csv", r"corpus\.csv: no records"),
         ("a\tb\n", ".tsv", r"corpus\.tsv: data\.custom\.path must end in \.csv or \.jsonl"),
+        ('{"sentence": null, "y": 1}\n', ".jsonl", r"corpus\.jsonl, line 1: column 'sentence' holds NoneType None"),
+        ('{"sentence": ["a", "b"], "y": 1}\n', ".jsonl", r"line 1: column 'sentence' holds list \['a', 'b'\]"),
+        ("y,sentence\n1\n", ".csv", r"corpus\.csv, row 2: column 'sentence' holds NoneType None, not text"),
     ],
 )
 def test_custom_data_errors_name_the_file_and_row(tmp_path: Path, content: str, suffix: str, message: str) -> None:
@@ -128,6 +131,21 @@ def test_custom_data_errors_name_the_file_and_row(tmp_path: Path, content: str, 
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         read_custom(custom(path))
+
+
+def test_a_custom_file_not_in_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.csv"
+    path.write_bytes("sentence,y\nUmsatz gestärkt,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"corpus\.csv: not UTF-8 text .* save the file as UTF-8"):
+        read_custom(custom(path))
+
+
+def test_a_split_left_empty_by_the_fractions_is_refused_before_training(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.csv"
+    path.write_text("sentence,y\n" + "".join(f"text {i},{i % 2}\n" for i in range(12)))
+    with pytest.raises(DataError, match=r"corpus\.csv: empty validation and test split \(train 12, validation 0, "
+                       r"test 0 records with data\.test_fraction = 0\.05, data\.validation_fraction = 0\.05\)"):
+        prepare_splits("custom", tmp_path, test_fraction=0.05, validation_fraction=0.05, seed=0, custom=custom(path))
 
 
 def test_a_missing_custom_file_is_named(tmp_path: Path) -> None:
