@@ -340,6 +340,18 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _delta_fits_the_known_sizes(self) -> ExperimentConfig:
+        """delta << 1/n, checked here where n is in the config (mode client: the clients; cross-silo: the silos'
+        declared record counts); a simulation's client sizes come from its partition, checked when planning."""
+        p, f = self.privacy, self.federation
+        if p.mode == "client":
+            check_delta(p.delta, f.num_clients, "the client population (federation.num_clients)")
+        elif p.mode != "none" and f.silos is not None:
+            for k, silo in enumerate(f.silos):
+                check_delta(p.delta, silo.num_examples, f"silo {silo.name} (federation.silos[{k}].num_examples)")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.tracking.output_dir) / self.name
@@ -347,6 +359,19 @@ class ExperimentConfig(_Strict):
     def flat(self) -> dict[str, Any]:
         """Flat dotted view, e.g. {'privacy.delta': 1e-05}, for MLflow params."""
         return dict(_flatten(self.model_dump(mode="json")))
+
+
+# A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
+MAX_DELTA_TIMES_N = 0.1
+
+
+def check_delta(delta: float, n: int, who: str) -> None:
+    """Refuse a delta that is not well below 1/n: (epsilon, delta)-DP with delta * n near 1 can publish a record."""
+    if delta * n > MAX_DELTA_TIMES_N:
+        raise ValueError(
+            f"privacy.delta ({delta}) is too large for {who} ({n} records or clients): "
+            f"delta * n = {delta * n:.3g} must be <= {MAX_DELTA_TIMES_N} (delta << 1/n)"
+        )
 
 
 def field_defaults(dotted: Iterable[str]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dplora_core.adapters import (
 )
 from dplora_core.batching import Encoded, encode
 from dplora_core.compression import decode_update, encode_update
-from dplora_core.config import ExperimentConfig
+from dplora_core.config import ExperimentConfig, check_delta
 from dplora_core.data import Example
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
@@ -50,8 +50,6 @@ from tasks.runtime import (
     workspace,
 )
 
-# A mechanism that publishes each record with probability delta passes delta < 1/n; ask for delta << 1/n.
-MAX_DELTA_TIMES_N = 0.1
 # Generator keys of the server's randomness (client sampling, DP-FedAvg noise), apart from any client id.
 SERVER_KEY = 2**32 - 1
 
@@ -111,14 +109,6 @@ def record_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
         target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate(f.batch_size, n),
         steps=f.local_steps, rounds=f.rounds, kind=p.accountant,
     )
-
-
-def check_delta(delta: float, n: int, who: str) -> None:
-    if delta * n > MAX_DELTA_TIMES_N:
-        raise ValueError(
-            f"privacy.delta ({delta}) is too large for {who} ({n} records or clients): "
-            f"delta * n = {delta * n:.3g} must be <= {MAX_DELTA_TIMES_N} (delta << 1/n)"
-        )
 
 
 @task(name="init-adapter", cache_policy=NO_CACHE)

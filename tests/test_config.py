@@ -81,6 +81,15 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"federation": {"exchange_dir": "x"}}, "federation", "exchange_dir is for cross-silo runs"),
         ({"federation": {"momentum": 0.9}}, "federation", "momentum (0.9) is for federation.optimizer sgd, not adamw"),
         ({"federation": {"optimizer": "lion"}}, "federation.optimizer", "Input should be"),
+        (
+            {"privacy": {"mode": "client", "delta": 0.05}, "federation": {"num_clients": 4}},
+            "privacy.delta (0.05) is too large for the client population (federation.num_clients)", "delta * n = 0.2",
+        ),
+        (
+            {"privacy": {"delta": 0.02}, "federation": {"num_clients": 1, "clients_per_round": 1, "exchange_dir": "x",
+                                                        "silos": [{"name": "bank", "num_examples": 9}]}},
+            "too large for silo bank (federation.silos[0].num_examples)", "(9 records or clients)",
+        ),
     ],
 )
 def test_bad_config_names_field_and_reason(tmp_path: Path, tree: dict, field: str, reason: str) -> None:
