@@ -170,12 +170,12 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     """A fresh run, or the state of the latest checkpoint of this run (config unchanged but for rounds)."""
     checkpoint = load_checkpoint(cfg.run_dir / "checkpoint") if resume else None
     if checkpoint is None:
-        plan = plan_noise(cfg)
+        plan, initial = plan_noise(cfg), init_adapter(cfg)  # before the MLflow run: a bad adapter spec leaves none
         run = ExperimentRun(cfg)
         p = cfg.privacy
         run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy",
                       "dplora.base_dtype": base_dtype(cfg)})
-        state = RunState(init_adapter(cfg), plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
+        state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
         log_label_histograms(cfg, run)
         return state, run
     changed = checkpoint_config_changes(cfg, checkpoint)
@@ -235,13 +235,13 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     cfg, f = config, config.federation
     log = get_run_logger()
     state, run = start_or_resume(cfg, resume)
-    if state.global_model.round:
-        log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
-    log.info("privacy: %s", planned_privacy(cfg, state.plan))
-    full_bytes = full_model_bytes(cfg)
     stopped: str | None = None
     rounds_bar = progress_bar(total=f.rounds, initial=state.global_model.round, desc="rounds", position=0)
     try:
+        if state.global_model.round:
+            log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
+        log.info("privacy: %s", planned_privacy(cfg, state.plan))
+        full_bytes = full_model_bytes(cfg)
         while state.global_model.round < f.rounds:
             start = time.monotonic()
             r = state.global_model.round + 1

@@ -192,3 +192,14 @@ def test_a_failed_silo_is_named_and_still_charged(
     assert summary["history"][0]["failed_clients"] == [1]
     ledgers = summary["privacy"]["ledgers"]
     assert [len(ledgers[k]["runs"]) for k in ("0", "1")] == [1, 1]
+
+
+def test_an_adapter_the_model_cannot_take_fails_before_an_mlflow_run_exists(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness
+) -> None:
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, lora__target_modules=["q_projj"])
+    with pytest.raises(Exception, match="q_projj"):
+        dplora_pipeline(cfg)
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no run left RUNNING
