@@ -52,9 +52,10 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     try:
         state = json.loads(path.read_text())
         adapter = (directory / state["adapter"]).read_bytes()
-    except (json.JSONDecodeError, KeyError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
-    return Checkpoint(round=int(state.pop("round")), adapter=adapter, state=state)
+        round_num = int(state.pop("round"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    return Checkpoint(round=round_num, adapter=adapter, state=state)
 
 
 def config_changes(

@@ -24,6 +24,10 @@ from dplora_core.config import ConfigError, ExperimentConfig, describe_errors
 Overrides = dict[str, Any]
 
 
+# Set by the study for each cell: its seed and its name (from the study's name, levels and seed).
+STUDY_SETS = {"federation.seed", "name"}
+
+
 class StudyConfig(BaseModel):
     """What `dplora study` runs: base config x axes x seeds, and the document section it writes."""
 
@@ -55,7 +59,14 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"axes.{axis}: needs at least one level")
         if self.frontier is not None and self.frontier not in self.axes:
             raise ValueError(f"frontier: {self.frontier} is not an axis")
+        for where, overrides in [("common", self.common)] + [
+            (f"axes.{axis}.{level}", o) for axis, levels in self.axes.items() for level, o in levels.items()
+        ]:
+            if fixed := sorted(STUDY_SETS & set(overrides)):
+                raise ValueError(f"{where}: sets {', '.join(fixed)}, which the study sets for each cell (use seeds)")
         for rule in self.exclude:
+            if not rule:
+                raise ValueError("exclude: an empty rule would drop every cell")
             for axis, level in rule.items():
                 if axis == "seeds":
                     if not isinstance(level, list) or not set(level) <= set(self.seeds):

@@ -183,7 +183,13 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         raise CheckpointError(
             f"{cfg.run_dir / 'checkpoint'}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
         )
-    state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
+    try:
+        state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{cfg.run_dir / 'checkpoint'}: cannot resume, its run state is incomplete or malformed "
+            f"({type(err).__name__}: {err})"
+        ) from err
     pending = checkpoint.state.get("pending")
     if pending and cfg.privacy.noise_seed is None:
         # The interrupted round may already have released noisy updates; re-running it draws fresh noise,

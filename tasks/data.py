@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from prefect import task
@@ -40,8 +39,7 @@ def ingest_raw(source_dir: Path, raw_dir: Path) -> list[Path]:
             raise DataError(f"{src}: source dataset file not found (set --source to the shared data folder)")
         if md5(src) != digest:
             raise DataError(f"{src}: md5 {md5(src)} differs from {digest} recorded in {SOURCES}")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        atomic_write(dst, src.read_bytes())  # a crash mid-copy leaves no half file that later stages would trust
         copied.append(dst)
     return copied
 

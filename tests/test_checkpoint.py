@@ -35,6 +35,16 @@ def test_no_checkpoint_is_none_and_a_corrupt_one_is_named(tmp_path: Path) -> Non
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "state", ["[1, 2]", '{"adapter": "a.safetensors"}', '{"round": "x", "adapter": "a.safetensors"}']
+)
+def test_a_checkpoint_state_of_the_wrong_shape_is_named(tmp_path: Path, state: str) -> None:
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    (tmp_path / "state.json").write_text(state)
+    with pytest.raises(CheckpointError, match=r"state\.json: unreadable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
 def test_resume_may_change_rounds_and_tracking_only() -> None:
     saved = {"federation.rounds": 2, "lora.rank": 4, "tracking.output_dir": "a", "privacy.delta": 1e-5}
     assert config_changes(saved, saved | {"federation.rounds": 5, "tracking.output_dir": "b"}) == []

@@ -64,6 +64,21 @@ def test_a_repeated_seed_is_refused() -> None:
         StudyConfig(name="s", base="b.yaml", seeds=(0, 0), axes=AXES)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"common": {"federation.seed": 7}}, r"common: sets federation\.seed, which the study sets for each cell"),
+        ({"axes": {"p": {"x": {"name": "mine"}}}}, r"axes\.p\.x: sets name, which the study sets"),
+        ({"exclude": ({},)}, r"exclude: an empty rule would drop every cell"),
+    ],
+)
+def test_a_study_overriding_its_own_fields_or_dropping_every_cell_is_refused(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.model_validate({"name": "s", "base": "b.yaml", "axes": AXES} | fields)
+
+
 def test_two_cells_with_the_same_name_are_refused() -> None:
     study = StudyConfig(name="s", base="b.yaml", axes={"a": {"x-y": {}, "x": {}}, "b": {"z": {}, "y-z": {}}})
     with pytest.raises(ConfigError, match=r"cells \{'a': 'x-y', 'b': 'z'\} and \{'a': 'x', 'b': 'y-z'\} are both "
