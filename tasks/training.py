@@ -115,6 +115,7 @@ def record_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
 def init_adapter(cfg: ExperimentConfig) -> GlobalModel:
     """The round-0 global adapter: A seeded (or from the frozen weights, lora.init_a), zero B."""
     ws = workspace(cfg.model, cfg.lora)
+    label_ids_of(cfg)  # label words that share a first token fail here, before any client trains
     initial = init_lora_state(ws.model, seed=cfg.federation.seed, init_a=cfg.lora.init_a)
     return GlobalModel(round=0, adapter=to_bytes(initial))
 

@@ -203,3 +203,20 @@ def test_an_adapter_the_model_cannot_take_fails_before_an_mlflow_run_exists(
     client = MlflowClient(cfg.tracking.mlflow_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment is None or not client.search_runs([experiment.experiment_id])  # no run left RUNNING
+
+
+def test_label_words_sharing_a_first_token_fail_before_any_client_trains(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = tmp_path / "reviews.csv"
+    corpus.write_text("text,y\n" + "".join(f"review {i},{i % 2}\n" for i in range(60)))
+    custom = {"path": str(corpus), "text_column": "text", "label_column": "y", "labels": ["0", "1"],
+              "label_words": ["very bad", "very good"]}
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, data__dataset="custom", data__custom=custom,
+                        data__prompt_template="review : {text} verdict :")
+    trained: list[int] = []
+    monkeypatch.setattr(training, "train_client", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(federated, "train_client", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=r"label words .* do not start with distinct tokens"):
+        dplora_pipeline(cfg)
+    assert trained == []
