@@ -343,10 +343,17 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _delta_fits_the_known_sizes(self) -> ExperimentConfig:
         """delta << 1/n, checked here where n is in the config (mode client: the clients; cross-silo: the silos'
-        declared record counts); a simulation's client sizes come from its partition, checked when planning."""
+        declared record counts); a simulation's client sizes come from its partition, checked when planning.
+        Mode client takes no quorum."""
         p, f = self.privacy, self.federation
         if p.mode == "client":
             check_delta(p.delta, f.num_clients, "the client population (federation.num_clients)")
+            if f.min_clients is not None:
+                raise ValueError(
+                    "federation.min_clients is not for privacy.mode client: whether a round completes would then "
+                    "hang on single clients, which the client-level epsilon does not cover (a failed client adds "
+                    "zero to the noised sum instead)"
+                )
         elif p.mode != "none" and f.silos is not None:
             for k, silo in enumerate(f.silos):
                 check_delta(p.delta, silo.num_examples, f"silo {silo.name} (federation.silos[{k}].num_examples)")

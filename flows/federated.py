@@ -435,7 +435,8 @@ def train_round_clients(
         released = set(clients)
     updates, rejected = screen_updates(cfg, global_model, updates, planned)
     failed |= rejected
-    quorum = min(f.min_clients or len(clients), len(clients))
+    # mode client: no quorum; a failed client adds zero to the noised sum, which is divided by the expected count
+    quorum = 0 if participation_is_private(cfg) else min(f.min_clients or len(clients), len(clients))
     who = (
         f"{len(failed)} sampled client(s)"  # mode client: who was sampled stays private
         if participation_is_private(cfg)

@@ -82,6 +82,10 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"federation": {"momentum": 0.9}}, "federation", "momentum (0.9) is for federation.optimizer sgd, not adamw"),
         ({"federation": {"optimizer": "lion"}}, "federation.optimizer", "Input should be"),
         (
+            {"privacy": {"mode": "client"}, "federation": {"min_clients": 2}},
+            "federation.min_clients is not for privacy.mode client", "a failed client adds zero",
+        ),
+        (
             {"privacy": {"mode": "client", "delta": 0.05}, "federation": {"num_clients": 4}},
             "privacy.delta (0.05) is too large for the client population (federation.num_clients)", "delta * n = 0.2",
         ),

@@ -54,6 +54,17 @@ def test_a_failing_client_is_retried(
     assert calls["n"] == 2 and history[0]["failed_clients"] == []
 
 
+def test_client_level_dp_has_no_quorum_a_failed_client_adds_zero(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode client: whether a round completes must not hang on one client (the epsilon does not cover it)."""
+    break_client(monkeypatch, 1)
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="client", privacy__target_epsilon=8.0,
+                      federation__num_clients=3, federation__clients_per_round=3, federation__rounds=2)
+    metrics = dplora_pipeline(cfg)
+    assert metrics["rounds"] == 2  # every client is sampled (q = 1), client 1 fails in both rounds
+
+
 def test_round_proceeds_at_the_quorum_naming_the_failed_client(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch
 ) -> None:
