@@ -203,6 +203,9 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         )
     run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
     run.reopen()
+    if state.history and not run.has_metric("val_accuracy", step=checkpoint.round):
+        # killed between the round's checkpoint and its tracking: MLflow gets the round now
+        track_round(state, run, cfg.run_dir / "checkpoint" / f"adapter-round-{checkpoint.round:04d}.safetensors")
     return state, run
 
 

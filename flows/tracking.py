@@ -33,6 +33,10 @@ class ExperimentRun:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value), step=step)
 
+    def has_metric(self, key: str, *, step: int) -> bool:
+        """Whether the run holds a value of metric `key` at `step`."""
+        return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))

@@ -231,3 +231,23 @@ def test_label_words_sharing_a_first_token_fail_before_any_client_trains(
     with pytest.raises(ValueError, match=r"label words .* do not start with distinct tokens"):
         dplora_pipeline(cfg)
     assert trained == []
+
+
+def test_a_round_checkpointed_but_not_yet_tracked_reaches_mlflow_on_resume(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Killed(Exception):
+        pass
+
+    def killed(*args: object) -> None:
+        raise Killed  # the process dies after the round's checkpoint, before MLflow hears of the round
+
+    real = federated.track_round
+    monkeypatch.setattr(federated, "track_round", killed)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path)
+    with pytest.raises(Killed):
+        dplora_pipeline(cfg)
+    monkeypatch.setattr(federated, "track_round", real)
+    metrics = dplora_pipeline(cfg, resume=True)
+    history = MlflowClient(cfg.tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "val_accuracy")
+    assert [m.step for m in history] == [1]
