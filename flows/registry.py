@@ -30,8 +30,14 @@ def dataset_version(cfg: ExperimentConfig) -> str:
 
 
 def register_final_adapter(cfg: ExperimentConfig, run_id: str, adapter: Path, privacy: dict[str, Any]) -> str:
-    """Log the adapter as an MLflow pyfunc model of run `run_id`, register it; return its version."""
+    """Log the adapter as an MLflow pyfunc model of run `run_id`, register it; return its version. The same
+    adapter of the same run (an evaluation re-run after a crash) keeps its version instead of adding one."""
     mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    sha256 = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    for known in client.search_model_versions(f"name = '{registered_name(cfg)}' and run_id = '{run_id}'"):
+        if known.tags.get("adapter_sha256") == sha256:
+            return str(known.version)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.json"
         config.write_text(cfg.model_dump_json(indent=2))
@@ -49,8 +55,8 @@ def register_final_adapter(cfg: ExperimentConfig, run_id: str, adapter: Path, pr
         "guarantee": privacy["guarantee"],
         "dataset": cfg.data.dataset if cfg.data.custom is None else f"custom:{cfg.data.custom.path}",
         "dataset_version": dataset_version(cfg),
+        "adapter_sha256": sha256,  # last: a version without it was not fully tagged, and is registered again
     }
-    client = MlflowClient(cfg.tracking.mlflow_uri)
     for key, value in tags.items():
         client.set_model_version_tag(registered_name(cfg), version, key, value)
     return version

@@ -106,6 +106,19 @@ def test_the_final_adapter_is_registered_with_its_guarantee_and_loads_for_infere
     assert set(model.predict(["profit rose", "sales fell"])) <= {"negative", "neutral", "positive"}
 
 
+def test_registering_the_same_adapter_of_the_same_run_again_keeps_its_version(finished) -> None:
+    """An evaluation re-run after a crash between registering and writing metrics.json adds no version."""
+    from flows.registry import register_final_adapter
+
+    cfg, metrics = finished
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    before = len(client.search_model_versions("name = 'dplora-tiny'"))
+    again = register_final_adapter(cfg, metrics["mlflow_run_id"], cfg.run_dir / "adapter.safetensors",
+                                   metrics["privacy"])
+    assert again == metrics["registered_model"]["version"]
+    assert len(client.search_model_versions("name = 'dplora-tiny'")) == before
+
+
 def test_mlflow_has_the_clients_label_histograms_as_a_plot(finished) -> None:
     cfg, metrics = finished
     client = MlflowClient(cfg.tracking.mlflow_uri)
