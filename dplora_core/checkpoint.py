@@ -33,10 +33,15 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+def adapter_file(directory: Path, round_num: int) -> Path:
+    """Where round `round_num`'s checkpoint keeps its global adapter."""
+    return directory / f"adapter-round-{round_num:04d}.safetensors"
+
+
 def save_checkpoint(directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any]) -> None:
     """Write round `round_num`'s checkpoint, then drop the previous adapter file."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"adapter-round-{round_num:04d}.safetensors"
+    name = adapter_file(directory, round_num).name
     atomic_write(directory / name, adapter)
     atomic_write(directory / STATE, json.dumps({"round": round_num, "adapter": name, **state}, indent=2).encode())
     for old in directory.glob("adapter-round-*.safetensors"):

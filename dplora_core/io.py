@@ -24,9 +24,10 @@ def atomic_write(path: Path, payload: bytes) -> None:
         os.close(directory)
 
 
-def read_json(path: Path) -> Any:
-    """The JSON document in `path`; a file that does not parse raises ValueError naming it (and where)."""
+def read_json(path: Path, payload: bytes | None = None) -> Any:
+    """The JSON document in `path` (or in `payload`, its bytes already read); a file that does not parse
+    raises ValueError naming it (and where)."""
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(path.read_bytes() if payload is None else payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err

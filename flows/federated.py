@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dplora_core.checkpoint import (
     Checkpoint,
     CheckpointError,
+    adapter_file,
     config_changes,
     load_checkpoint,
     save_checkpoint,
@@ -205,7 +206,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     run.reopen()
     if state.history and not run.has_metric("val_accuracy", step=checkpoint.round):
         # killed between the round's checkpoint and its tracking: MLflow gets the round now
-        track_round(state, run, cfg.run_dir / "checkpoint" / f"adapter-round-{checkpoint.round:04d}.safetensors")
+        track_round(state, run, adapter_file(cfg.run_dir / "checkpoint", checkpoint.round))
     return state, run
 
 
@@ -276,7 +277,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat()},
             )
-            row = track_round(state, run, checkpoint / f"adapter-round-{r:04d}.safetensors")
+            row = track_round(state, run, adapter_file(checkpoint, r))
             rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
             rounds_bar.update()
             log.info(

@@ -50,7 +50,7 @@ def finished_run(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     if not (metrics.is_file() and training.is_file()):
         return None
     training_bytes = training.read_bytes()
-    record: dict[str, Any] = read_json(training)
+    record: dict[str, Any] = read_json(training, training_bytes)
     if not _same_config(record["config"], cfg):
         return None
     result: dict[str, Any] = read_json(metrics)

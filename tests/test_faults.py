@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect import task
 
 import flows.federated as federated
 import tasks.training as training
+from dplora_core.adapters import from_bytes, to_bytes
 from dplora_core.checkpoint import load_checkpoint
+from dplora_core.messages import ClientUpdate
 from flows.pipeline import dplora_pipeline
 from tests.helpers import tiny_config
 
@@ -116,24 +121,25 @@ def test_a_straggler_is_cut_by_the_per_client_timeout(
     assert history[0]["failed_clients"] == [2]
 
 
+def tamper_update(monkeypatch: pytest.MonkeyPatch, client: int, change: Callable[[ClientUpdate], ClientUpdate]) -> None:
+    """Every round, `client`'s update reaches the server as `change` makes it (the others as trained)."""
+
+    @task(name="train-client-tampered")
+    def tampered(cfg, round_num, client_id, global_model, noise_multiplier):  # type: ignore[no-untyped-def]
+        update = training.train_client.fn(cfg, round_num, client_id, global_model, noise_multiplier)
+        return change(update) if client_id == client else update
+
+    monkeypatch.setattr(federated, "train_client", tampered)
+
+
 def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dataclasses
-
-    from prefect import task
-
-    from dplora_core.adapters import from_bytes, to_bytes
-
-    @task(name="train-client-poisoned")
-    def poisoned(cfg, round_num, client_id, global_model, noise_multiplier):  # type: ignore[no-untyped-def]
-        update = training.train_client.fn(cfg, round_num, client_id, global_model, noise_multiplier)
-        if client_id != 1:
-            return update
+    def poisoned(update: ClientUpdate) -> ClientUpdate:
         state = {k: v * float("nan") for k, v in from_bytes(update.adapter, source="test").items()}
         return dataclasses.replace(update, adapter=to_bytes(state))
 
-    monkeypatch.setattr(federated, "train_client", poisoned)
+    tamper_update(monkeypatch, 1, poisoned)
     cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
     dplora_pipeline(cfg)
     summary = json.loads((cfg.run_dir / "training.json").read_text())
@@ -148,16 +154,7 @@ def test_an_update_reporting_another_record_count_is_rejected_by_name(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FedAvg weighs each update by its record count: one client claiming 10^12 records would be the average."""
-    import dataclasses
-
-    from prefect import task
-
-    @task(name="train-client-inflated")
-    def inflated(cfg, round_num, client_id, global_model, noise_multiplier):  # type: ignore[no-untyped-def]
-        update = training.train_client.fn(cfg, round_num, client_id, global_model, noise_multiplier)
-        return dataclasses.replace(update, num_examples=10**12) if client_id == 2 else update
-
-    monkeypatch.setattr(federated, "train_client", inflated)
+    tamper_update(monkeypatch, 2, lambda update: dataclasses.replace(update, num_examples=10**12))
     cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
     dplora_pipeline(cfg)
     history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
