@@ -270,6 +270,11 @@ class DataConfig(_Strict):
     max_validation_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
     max_train_examples: int | None = Field(None, ge=1, description="Cap on the train split (tests).")
+    cap_sampling: Literal["stratified", "first"] = Field(
+        "stratified",
+        description="What the max_*_examples caps keep: a label-stratified sample drawn with split_seed, or "
+        "the first N records in file order (runs recorded before 2026-12-04; FPB's file is grouped by label).",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -381,10 +386,21 @@ def check_delta(delta: float, n: int, who: str) -> None:
         )
 
 
+# Fields whose default is not what configs written before the field existed did. A stored config (a
+# checkpoint, a run's training.json, a study record) without such a field is read with this value.
+BEFORE_FIELD: dict[str, Any] = {
+    "data.cap_sampling": "first",  # until 2026-12-04 the max_*_examples caps kept the first N records
+}
+
+
 def field_defaults(dotted: Iterable[str]) -> dict[str, Any]:
-    """The JSON-mode default of each dotted ExperimentConfig field that has one, e.g. {'federation.warmup_steps': 0}."""
+    """What each dotted ExperimentConfig field meant before it existed, in JSON mode: BEFORE_FIELD's value, else
+    the field's default if it has one, e.g. {'federation.warmup_steps': 0}."""
     out: dict[str, Any] = {}
     for name in dotted:
+        if name in BEFORE_FIELD:
+            out[name] = BEFORE_FIELD[name]
+            continue
         model: type[BaseModel] = ExperimentConfig
         *sections, key = name.split(".")
         for section in sections:
@@ -396,6 +412,16 @@ def field_defaults(dotted: Iterable[str]) -> dict[str, Any]:
             field = model.model_fields.get(key)
             if field is not None and not field.is_required() and field.default_factory is None:
                 out[name] = TypeAdapter(Any).dump_python(field.default, mode="json")
+    return out
+
+
+def predating_fields(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored (nested) config with each BEFORE_FIELD field it lacks set to what it did before the field existed."""
+    out = {**stored}
+    for dotted, value in BEFORE_FIELD.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
     return out
 
 

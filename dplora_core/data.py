@@ -226,6 +226,23 @@ def stratified_split(
     return rest, out
 
 
+def stratified_sample(examples: Sequence[Example], n: int, *, seed: int) -> list[Example]:
+    """`n` of `examples` with each label's share kept (largest remainders), drawn with `seed`, in file order."""
+    if n >= len(examples):
+        return list(examples)
+    by_label: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e.label, []).append(i)
+    labels = sorted(by_label)
+    exact = {label: n * len(by_label[label]) / len(examples) for label in labels}
+    quota = {label: int(exact[label]) for label in labels}
+    for label in sorted(labels, key=lambda k: quota[k] - exact[k])[: n - sum(quota.values())]:
+        quota[label] += 1
+    rng = np.random.default_rng(seed)
+    chosen = sorted(i for label in labels for i in rng.choice(by_label[label], quota[label], replace=False).tolist())
+    return [examples[i] for i in chosen]
+
+
 def prepare_splits(
     dataset: str, raw_dir: Path, *, test_fraction: float, validation_fraction: float, seed: int,
     custom: CustomDataConfig | None = None,

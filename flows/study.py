@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint
-from dplora_core.config import ExperimentConfig, load_config
+from dplora_core.config import ExperimentConfig, load_config, predating_fields
 from dplora_core.io import atomic_write, read_json
 from dplora_core.privacy.accountant import SHORT_RELATIONS
 from dplora_core.study import Cell, StudyConfig, expand, summarise
@@ -62,10 +62,12 @@ def finished_run(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def _same_config(stored: dict[str, Any], cfg: ExperimentConfig) -> bool:
-    """Whether a stored config trained what `cfg` would, once fields added since it was written take their
-    defaults. Unlike a resume (RESUMABLE_CHANGES), the number of rounds counts."""
+    """Whether a stored config trained what `cfg` would, once fields added since it was written take what they
+    did before (predating_fields, else their defaults). Unlike a resume (RESUMABLE_CHANGES), rounds count."""
     try:
-        then = ExperimentConfig.model_validate(stored).model_dump(mode="json", exclude=UNTRAINED_SECTIONS)
+        then = ExperimentConfig.model_validate(predating_fields(stored)).model_dump(
+            mode="json", exclude=UNTRAINED_SECTIONS
+        )
     except ValidationError:
         return False
     return then == cfg.model_dump(mode="json", exclude=UNTRAINED_SECTIONS)

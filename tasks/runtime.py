@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
-from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, task_spec
+from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, stratified_sample, task_spec
 from dplora_core.model import attach_lora, dtype_name, load_base_model
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 
@@ -57,7 +57,9 @@ def split_examples(data: DataConfig, split: str) -> tuple[Example, ...]:
     examples = read_jsonl(split_path(data, split), labels=task_spec(data).labels)
     limit = {"train": data.max_train_examples, "validation": data.max_validation_examples,
              "test": data.max_test_examples}[split]
-    return tuple(examples[:limit])
+    if limit is None or data.cap_sampling == "first":
+        return tuple(examples[:limit])
+    return tuple(stratified_sample(examples, limit, seed=data.split_seed))
 
 
 # The base model's label scores of an evaluation split, keyed by (model, lora, data, evaluation, split): the

@@ -57,3 +57,9 @@ def test_a_field_added_after_the_checkpoint_is_no_change_at_its_default() -> Non
     assert added == {"federation.warmup_steps": 0}
     assert config_changes(saved, saved | {"federation.warmup_steps": 0}, added) == []
     assert config_changes(saved, saved | {"federation.warmup_steps": 2}, added) == ["federation.warmup_steps"]
+
+
+def test_a_checkpoint_from_before_cap_sampling_resumes_only_with_the_first_n_records() -> None:
+    added = field_defaults(["data.cap_sampling"])
+    assert added == {"data.cap_sampling": "first"}  # not today's default: what the checkpoint's run did
+    assert config_changes({}, {"data.cap_sampling": "stratified"}, added) == ["data.cap_sampling"]

@@ -10,7 +10,9 @@ from dplora_core.data import (
     prepare_splits,
     read_custom,
     read_financial_phrasebank,
+    read_jsonl,
     read_pubmedqa,
+    stratified_sample,
     stratified_split,
 )
 from tests.helpers import tiny_config
@@ -80,6 +82,30 @@ def test_stratified_split_fraction() -> None:
     rest, held = stratified_split(examples, 0.2, seed=1)
     assert len(held) == 20 and len(rest) == 80
     assert sum(e.label == "a" for e in held) == 10
+
+
+def test_a_capped_split_keeps_each_label_s_share_in_file_order(raw_dir: Path) -> None:
+    """FPB's file is grouped by label: its first 64 records are mostly positive, a sample of 64 is not."""
+    examples = read_financial_phrasebank(raw_dir / "financial_phrasebank" / "all-data.csv")
+    sample = stratified_sample(examples, 64, seed=0)
+    share = {label: sum(e.label == label for e in examples) * 64 / len(examples) for label in ("negative", "neutral")}
+    assert len(sample) == 64 and all(abs(sum(e.label == k for e in sample) - v) < 1 for k, v in share.items())
+    positions = [examples.index(e) for e in sample]
+    assert positions == sorted(positions) and sample == stratified_sample(examples, 64, seed=0)
+    assert sample != stratified_sample(examples, 64, seed=1)
+    assert stratified_sample(examples[:5], 9, seed=0) == examples[:5]  # a cap above the size keeps all
+
+
+def test_the_caps_sample_the_split_unless_told_to_keep_the_first_records(tmp_path: Path, raw_dir: Path) -> None:
+    from tasks.data import prepare_data
+    from tasks.runtime import split_examples
+
+    cfg = tiny_config(tmp_path / "no-model", tmp_path, raw_dir, data__max_train_examples=40)
+    prepare_data.fn(cfg)
+    whole = read_jsonl(tmp_path / "prepared" / "financial_phrasebank" / "train.jsonl")
+    assert list(split_examples(cfg.data, "train")) == stratified_sample(whole, 40, seed=cfg.data.split_seed)
+    first = cfg.data.model_copy(update={"cap_sampling": "first"})
+    assert list(split_examples(first, "train")) == whole[:40]
 
 
 def test_missing_raw_file_names_it(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def run(cwd: Path, *args: str) -> str:
+def run(cwd: Path, *args: str, prefect_api: str | None = None) -> str:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    if prefect_api is not None:  # one server for every stage, rather than a temporary one each
+        env["PREFECT_API_URL"] = prefect_api
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(args)} in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
@@ -38,7 +40,7 @@ EXPERIMENTS = (("eps4", 4), ("eps2", 2))
 
 
 @pytest.fixture(scope="module")
-def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Path:
     """A fresh clone, its `ingest` stage finding the shared data where dvc.yaml looks (../shared/data),
     after two `dvc exp run`s of the whole pipeline; the workspace holds the last one (eps2)."""
     tmp = tmp_path_factory.mktemp("dvc")
@@ -49,7 +51,7 @@ def clone(raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(first, "dvc", "remote", "modify", "--local", "local", "url", str(tmp / "remote"))  # stand-in for the default
     for name, epsilon in EXPERIMENTS:
         sets = [arg for value in (f"privacy.target_epsilon={epsilon}", *QUICK) for arg in ("-S", value)]
-        run(first, "dvc", "exp", "run", "-q", "-n", name, *sets)
+        run(first, "dvc", "exp", "run", "-q", "-n", name, *sets, prefect_api=prefect_server)
     return first
 
 

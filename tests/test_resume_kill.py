@@ -19,9 +19,9 @@ SEED = 7
 
 
 def write_config(tiny_model_dir: Path, raw_dir: Path, out: Path) -> tuple[Path, Path]:
-    """(config path, run directory) of a seeded 3-round run whose rounds last long enough to be killed in."""
+    """(config path, run directory) of a seeded 2-round run whose rounds last long enough to be killed in."""
     cfg = tiny_config(
-        tiny_model_dir, out, raw_dir, privacy__noise_seed=SEED, federation__rounds=3, federation__local_steps=50,
+        tiny_model_dir, out, raw_dir, privacy__noise_seed=SEED, federation__rounds=2, federation__local_steps=50,
         federation__microbatch_size=8,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,6 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     runs = [straight_dir, killed_dir]
     assert (runs[0] / "adapter.safetensors").read_bytes() == (runs[1] / "adapter.safetensors").read_bytes()
     summaries = [json.loads((run / "training.json").read_text()) for run in runs]
-    assert summaries[1]["privacy"]["ledgers"] == summaries[0]["privacy"]["ledgers"]  # 3 rounds, each once
+    assert summaries[1]["privacy"]["ledgers"] == summaries[0]["privacy"]["ledgers"]  # 2 rounds, each once
     assert summaries[1]["privacy"]["epsilon"] == summaries[0]["privacy"]["epsilon"]
     assert summaries[1]["mlflow_run_id"] == at_kill["mlflow_run_id"]  # the resumed run continues the same MLflow run

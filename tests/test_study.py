@@ -166,6 +166,21 @@ def test_a_run_from_before_a_new_config_field_still_counts(
     assert finished_run(more_rounds) is None  # resumable, but not the same finished run
 
 
+def test_a_run_from_before_cap_sampling_counts_as_the_first_n_records(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    """A field whose default changed behaviour reads, in a config that predates it, as the old behaviour."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    stored = cfg.model_dump(mode="json")
+    del stored["data"]["cap_sampling"]  # written before 2026-12-04: its caps kept the first N records
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "training.json").write_text(json.dumps({"config": stored}))
+    (cfg.run_dir / "metrics.json").write_text(json.dumps({"test": {}}))
+    assert finished_run(cfg) is None  # today's default, stratified, would validate on other records
+    first = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cap_sampling": "first"})})
+    assert finished_run(first) is not None
+
+
 def test_a_run_of_an_edited_study_is_set_aside_not_resumed(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
 ) -> None:

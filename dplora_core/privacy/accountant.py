@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -96,7 +97,11 @@ class PrivacyLedger:
         if self.kind == "paper":
             return max(paper_epsilon(noise_multiplier=r.noise_multiplier, delta=delta) for r in runs)
         accountant = make_accountant(self.kind)
-        accountant.compose(dp_accounting.ComposedDpEvent([r.event() for r in runs]))
+        if self.kind == "rdp":  # RDP adds up: each distinct run once, times its count (one evaluation, not R)
+            for run, count in Counter(runs).items():
+                accountant.compose(run.event(), count)
+        else:
+            accountant.compose(dp_accounting.ComposedDpEvent([r.event() for r in runs]))
         return float(accountant.get_epsilon(delta))
 
     def state_dict(self) -> dict[str, Any]:
@@ -114,20 +119,24 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest sigma whose `rounds` x `steps` Poisson-subsampled Gaussian steps spend at most target_epsilon.
 
-    The events are composed exactly as a PrivacyLedger composes them round by round, so the
-    ledger's epsilon after the last planned round is the calibrated one, bit for bit.
-    RDP is searched from a wide bracket. PLD is searched below the RDP answer (PLD is the
-    tighter bound, so its sigma is smaller), which keeps it away from tiny sigmas whose
-    privacy loss distributions would not fit in memory.
+    RDP adds up over composition (Mironov 2017, Prop. 1), so its search composes one step
+    `rounds * steps` times: the ledger's round-by-round sum, a rounding error apart, in one evaluation.
+    PLD is composed exactly as a PrivacyLedger composes it round by round, so the ledger's epsilon
+    after the last planned round is the calibrated one, bit for bit. PLD is searched below the RDP
+    answer (PLD is the tighter bound, so its sigma is smaller), which keeps it away from tiny sigmas
+    whose privacy loss distributions would not fit in memory.
     """
 
-    def event(sigma: float) -> dp_accounting.DpEvent:
+    def every_step(sigma: float) -> dp_accounting.DpEvent:
+        return DpSgdRun(sample_rate, sigma, steps * rounds).event()
+
+    def round_by_round(sigma: float) -> dp_accounting.DpEvent:
         return dp_accounting.ComposedDpEvent([DpSgdRun(sample_rate, sigma, steps).event()] * rounds)
 
     sigma_rdp = float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant("rdp"),
-            event,
+            every_step,
             target_epsilon,
             delta,
             dp_accounting.LowerEndpointAndGuess(1e-2, 1.0),
@@ -139,7 +148,7 @@ def calibrate_noise_multiplier(
     bracket = dp_accounting.ExplicitBracketInterval(sigma_rdp / 4, sigma_rdp)
     return float(
         dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant("pld"), event, target_epsilon, delta, bracket, tol=1e-4
+            lambda: make_accountant("pld"), round_by_round, target_epsilon, delta, bracket, tol=1e-4
         )
     )
 
