@@ -132,8 +132,10 @@ def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
     return {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
 
 
-def write_record(study: StudyConfig, cell: Cell, row: dict[str, Any], training: dict[str, Any]) -> None:
-    """Record a finished run (config, row, per-round history, commit) unless the same row is recorded."""
+def write_record(
+    study: StudyConfig, cell: Cell, row: dict[str, Any], training: dict[str, Any], commit: str | None
+) -> None:
+    """Record a finished run (config, row, per-round history, the code's commit) unless the same row is recorded."""
     path = record_path(study, cell)
     if path is None:
         return
@@ -142,7 +144,7 @@ def write_record(study: StudyConfig, cell: Cell, row: dict[str, Any], training: 
         if old["row"] == row and _same_config(old["config"], cell.config):
             return
     record = {"config": cell.config.model_dump(mode="json"), "row": row, "history": training["history"],
-              "commit": code_version(study), "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "commit": commit, "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
@@ -177,13 +179,16 @@ def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = 
     base = load_config(study.base)
     cells = expand(study, base.model_dump(mode="json"))
     output_dir = Path(base.tracking.output_dir)
+    commit = code_version(study)  # the code this process loaded: later edits to the checkout do not run here
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for i, cell in enumerate(cells, 1):
         # one failed cell (its training, or a file of it that does not read) must not lose the others:
         # it is listed and re-run next time
         try:
-            row, ran = study_cell(study, cell, f"{i}/{len(cells)}", run_missing=run_missing, use_records=use_records)
+            row, ran = study_cell(
+                study, cell, f"{i}/{len(cells)}", commit, run_missing=run_missing, use_records=use_records
+            )
         except Exception as err:
             failed[cell.config.name] = f"{type(err).__name__}: {err}"
             log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
@@ -196,7 +201,7 @@ def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = 
 
 
 def study_cell(
-    study: StudyConfig, cell: Cell, position: str, *, run_missing: bool, use_records: bool
+    study: StudyConfig, cell: Cell, position: str, commit: str | None, *, run_missing: bool, use_records: bool
 ) -> tuple[dict[str, Any] | None, bool]:
     """One cell's table row (None if it has not finished and is not to run) and whether it trained now: read
     back from its run directory, else from its committed record, else trained (resuming any checkpoint)."""
@@ -209,7 +214,7 @@ def study_cell(
             return None, False
         finished = train_cell(study, cell, position)
     row = result_row(cell, *finished)
-    write_record(study, cell, row, finished[1])
+    write_record(study, cell, row, finished[1], commit)
     return row, ran
 
 

@@ -348,6 +348,28 @@ def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_study_s_own_o
     assert str(flows.study.code_version(study)).endswith("+dirty")
 
 
+def test_a_record_names_the_commit_the_study_started_on_not_later_edits(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study runs for hours with the code it loaded; an edit to the checkout meanwhile is not what ran."""
+    (tmp_path / "code.py").write_text("x = 1\n")
+    identity = ("-c", "user.name=t", "-c", "user.email=t@t")
+    for args in (("init", "-q"), ("add", "code.py"), (*identity, "commit", "-qm", "init")):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    calls: list[str] = []
+    train = fake_pipeline(calls)
+
+    def train_then_edit(cfg: ExperimentConfig, resume: bool) -> dict[str, object]:
+        (tmp_path / "code.py").write_text("x = 2\n")  # someone edits the code while the study runs
+        return train(cfg, resume)
+
+    monkeypatch.setattr(flows.study, "dplora_pipeline", train_then_edit)
+    run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    commits = {json.loads(f.read_text())["commit"] for f in (tmp_path / "results" / "runs" / "r").glob("*.json")}
+    assert len(commits) == 1 and not commits.pop().endswith("+dirty")
+
+
 def test_a_cell_whose_files_do_not_read_is_listed_failed_and_the_others_still_count(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
