@@ -9,9 +9,11 @@ keeps its own guarantee.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,11 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[Cell]:
         except ValidationError as err:
             raise ConfigError(describe_errors(f"study {study.name}, cell {name}: invalid config", err)) from err
     return cells
+
+
+def selected(cell: Cell, only: Sequence[str]) -> bool:
+    """Whether the cell's run name matches one of the globs (fnmatch: *, ?, [...])."""
+    return any(fnmatch.fnmatchcase(cell.config.name, pattern) for pattern in only)
 
 
 def excludes(rule: dict[str, str | list[int]], levels: dict[str, str], seed: int) -> bool:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Keep every tool's state inside the project and off the network (set before they are imported).
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dplora",
         description="Federated, differentially private LoRA fine-tuning of causal LMs, orchestrated by Prefect.",
-        epilog="also: dplora study STUDY.yaml [--no-run] [--ignore-records]  a grid of experiments over seeds "
-        "(configs/study-*.yaml)",
+        epilog="also: dplora study STUDY.yaml [--no-run] [--ignore-records] [--only GLOB]  a grid of experiments "
+        "over seeds (configs/study-*.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
@@ -225,14 +225,17 @@ def quiet_progress_bars_off_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
-def study_main(path: Path, run_missing: bool = True, use_records: bool = True) -> int:
+def study_main(path: Path, run_missing: bool = True, use_records: bool = True, only: Sequence[str] = ()) -> int:
     """`dplora study STUDY.yaml`: validate the study and every cell's config first (exit 2), then run it."""
-    from dplora_core.study import expand, load_study
+    from dplora_core.study import expand, load_study, selected
 
     try:
         study = load_study(path)
         base = load_config(study.base)  # names the base file and field
         cells = expand(study, base.model_dump(mode="json"))
+        if unmatched := [p for p in only if not any(selected(c, [p]) for c in cells)]:
+            raise ConfigError(f"{path}: --only {', '.join(unmatched)} names none of the study's {len(cells)} runs "
+                              f"(e.g. {cells[0].config.name})")
     except ConfigError as err:
         print(f"dplora study: {err}", file=sys.stderr)
         return 2
@@ -245,10 +248,12 @@ def study_main(path: Path, run_missing: bool = True, use_records: bool = True) -
         cmd_ingest(base, argparse.Namespace(source=DEFAULT_SOURCE))
     from flows.study import run_study
 
-    results = run_study(study, run_missing=run_missing, use_records=use_records)
+    results = run_study(study, run_missing=run_missing, use_records=use_records, only=only)
     print(f"study {study.name}: {len(results['rows'])} of {len(cells)} runs finished"
           + (f"; failed: {', '.join(results['failed'])}" if results["failed"] else ""))
-    return 1 if results["failed"] or (run_missing and len(results["rows"]) < len(cells)) else 0
+    finished = {row["name"] for row in results["rows"]}
+    wanted = [c for c in cells if not only or selected(c, only)]
+    return 1 if results["failed"] or (run_missing and any(c.config.name not in finished for c in wanted)) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         study_args.add_argument("--ignore-records", action="store_true",
                                 help="run again the cells that have only a committed record (results/runs/), "
                                 "e.g. to reproduce a table from scratch; their new records replace the old")
+        study_args.add_argument("--only", action="append", default=[], metavar="GLOB",
+                                help="train only the runs whose name matches (repeatable), e.g. '*-s0' for one "
+                                "seed first; the table still shows every finished run")
         parsed = study_args.parse_args((argv if argv is not None else sys.argv[1:])[1:])
-        return study_main(parsed.study, run_missing=not parsed.no_run, use_records=not parsed.ignore_records)
+        return study_main(parsed.study, run_missing=not parsed.no_run, use_records=not parsed.ignore_records,
+                          only=parsed.only)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -20,6 +20,7 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
 from dplora_core.io import atomic_write, read_json
 from dplora_core.privacy.accountant import SHORT_RELATIONS
-from dplora_core.study import Cell, StudyConfig, expand, summarise
+from dplora_core.study import Cell, StudyConfig, expand, selected, summarise
 from flows.federated import checkpoint_config_changes
 from flows.pipeline import dplora_pipeline
 from flows.plots import study_bars, study_frontier
@@ -170,11 +171,14 @@ def study_outputs(study: StudyConfig) -> list[str]:
 
 
 @flow(name="dplora-study")
-def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = True) -> dict[str, Any]:
+def run_study(
+    study: StudyConfig, run_missing: bool = True, use_records: bool = True, only: Sequence[str] = ()
+) -> dict[str, Any]:
     """Every cell x seed of the study, finished ones read back (from the run directory, else from the
     committed record); results.json and the document section, rewritten after each run so that an
     interrupted study still shows what it has. `run_missing=False` only tabulates the finished runs;
-    `use_records=False` runs the cells that have only a record again."""
+    `use_records=False` runs the cells that have only a record again; `only` (globs of run names, e.g.
+    "*-s0"): train only the cells it names, tabulating the others' finished runs."""
     log = get_run_logger()
     base = load_config(study.base)
     cells = expand(study, base.model_dump(mode="json"))
@@ -187,7 +191,8 @@ def run_study(study: StudyConfig, run_missing: bool = True, use_records: bool = 
         # it is listed and re-run next time
         try:
             row, ran = study_cell(
-                study, cell, f"{i}/{len(cells)}", commit, run_missing=run_missing, use_records=use_records
+                study, cell, f"{i}/{len(cells)}", commit, use_records=use_records,
+                run_missing=run_missing and (not only or selected(cell, only)),
             )
         except Exception as err:
             failed[cell.config.name] = f"{type(err).__name__}: {err}"

@@ -325,6 +325,27 @@ def test_ignoring_records_runs_the_recorded_cells_again(
     assert calls == ["r-low-s0", "r-low-s1"] * 2
 
 
+def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    assert [r["name"] for r in run_study(study, only=["*-s1"])["rows"]] == ["r-low-s1"] and calls == ["r-low-s1"]
+    assert [r["name"] for r in run_study(study, only=["r-low-s0"])["rows"]] == ["r-low-s0", "r-low-s1"]
+    assert calls == ["r-low-s1", "r-low-s0"]
+
+
+def test_only_naming_no_run_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE | {"tracking": {"output_dir": str(tmp_path / "outputs")}}))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "base": str(base), "axes": {"p": {"x": {}}}}))
+    assert main(["study", str(study), "--only", "*-s0", "--only", "*-s9"]) == 2
+    assert "--only *-s9 names none of the study's 1 runs (e.g. s-x-s0)" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_study_s_own_outputs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
