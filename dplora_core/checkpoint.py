@@ -9,6 +9,7 @@ config, so a resumed run continues the same privacy accounting (Opacus keeps the
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,30 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     return Checkpoint(round=round_num, adapter=adapter, state=state)
+
+
+def unfinished(directory: Path) -> str | None:
+    """What a fresh run writing over `directory`'s checkpoint would throw away ("round 2 of 3 done", an
+    interrupted round, an unreadable checkpoint), or None if there is none or its run finished."""
+    try:
+        checkpoint = load_checkpoint(directory)
+    except CheckpointError as err:
+        return str(err)
+    if checkpoint is None:
+        return None
+    planned = (checkpoint.state.get("config") or {}).get("federation.rounds")
+    if checkpoint.state.get("pending"):
+        return f"round {checkpoint.round + 1} interrupted"
+    if not isinstance(planned, int) or checkpoint.round < planned:
+        return f"round {checkpoint.round} of {planned} done"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` to `<path>.superseded-<UTC time>`, so that nothing written is lost; the new path."""
+    target = path.with_name(f"{path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    path.rename(target)
+    return target
 
 
 def config_changes(

@@ -27,6 +27,8 @@ from dplora_core.checkpoint import (
     config_changes,
     load_checkpoint,
     save_checkpoint,
+    set_aside,
+    unfinished,
 )
 from dplora_core.config import ExperimentConfig, RunnerConfig, field_defaults
 from dplora_core.io import atomic_write
@@ -169,7 +171,13 @@ def checkpoint_config_changes(cfg: ExperimentConfig, checkpoint: Checkpoint) -> 
 
 def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, ExperimentRun]:
     """A fresh run, or the state of the latest checkpoint of this run (config unchanged but for rounds)."""
-    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint") if resume else None
+    directory = cfg.run_dir / "checkpoint"
+    checkpoint = load_checkpoint(directory) if resume else None
+    if not resume and (cut_short := unfinished(directory)) is not None:  # this run would write over it
+        get_run_logger().warning(
+            "%s holds an unfinished run (%s) and this run starts afresh (no --resume): moved it to %s; any updates "
+            "that run released are outside this run's epsilon", directory, cut_short, set_aside(directory)
+        )
     if checkpoint is None:
         plan, initial = plan_noise(cfg), init_adapter(cfg)  # before the MLflow run: a bad adapter spec leaves none
         run = ExperimentRun(cfg)
@@ -182,13 +190,13 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     changed = checkpoint_config_changes(cfg, checkpoint)
     if changed:
         raise CheckpointError(
-            f"{cfg.run_dir / 'checkpoint'}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
+            f"{directory}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
         )
     try:
         state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
-            f"{cfg.run_dir / 'checkpoint'}: cannot resume, its run state is incomplete or malformed "
+            f"{directory}: cannot resume, its run state is incomplete or malformed "
             f"({type(err).__name__}: {err})"
         ) from err
     pending = checkpoint.state.get("pending")
@@ -206,7 +214,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     run.reopen()
     if state.history and not run.has_metric("val_accuracy", step=checkpoint.round):
         # killed between the round's checkpoint and its tracking: MLflow gets the round now
-        track_round(state, run, adapter_file(cfg.run_dir / "checkpoint", checkpoint.round))
+        track_round(state, run, adapter_file(directory, checkpoint.round))
     return state, run
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import ValidationError
 
-from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint
+from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint, set_aside
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
 from dplora_core.io import atomic_write, read_json
 from dplora_core.privacy.accountant import SHORT_RELATIONS
@@ -80,9 +80,7 @@ def set_aside_superseded(cfg: ExperimentConfig) -> Path | None:
     checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
     if checkpoint is None or not checkpoint_config_changes(cfg, checkpoint):
         return None
-    target = cfg.run_dir.with_name(f"{cfg.run_dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    cfg.run_dir.rename(target)
-    return target
+    return set_aside(cfg.run_dir)
 
 
 def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dplora_core.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
+from dplora_core.checkpoint import (
+    CheckpointError,
+    config_changes,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+    unfinished,
+)
 from dplora_core.config import field_defaults
 
 
@@ -33,6 +40,34 @@ def test_no_checkpoint_is_none_and_a_corrupt_one_is_named(tmp_path: Path) -> Non
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"state\.json: unreadable checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("round_num", "extra", "expected"),
+    [
+        (1, {}, "round 1 of 3 done"),
+        (3, {}, None),
+        (1, {"pending": {"round": 2, "events": {}}}, "round 2 interrupted"),
+    ],
+)
+def test_unfinished_names_what_a_fresh_run_would_throw_away(
+    tmp_path: Path, round_num: int, extra: dict[str, object], expected: str | None
+) -> None:
+    assert unfinished(tmp_path) is None  # no checkpoint
+    save_checkpoint(tmp_path, round_num=round_num, adapter=b"a", state={"config": {"federation.rounds": 3}} | extra)
+    assert unfinished(tmp_path) == expected
+
+
+def test_an_unreadable_checkpoint_counts_as_unfinished(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{not json")
+    assert "unreadable checkpoint" in str(unfinished(tmp_path))
+
+
+def test_set_aside_renames_and_keeps_every_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "checkpoint", round_num=1, adapter=b"a", state={})
+    moved = set_aside(tmp_path / "checkpoint")
+    assert moved.name.startswith("checkpoint.superseded-") and not (tmp_path / "checkpoint").exists()
+    assert load_checkpoint(moved) is not None
 
 
 @pytest.mark.parametrize(

@@ -190,3 +190,28 @@ def test_a_round_interrupted_after_release_is_charged_on_resume(
     resumed = federated_finetune(cfg, resume=True)
     assert [row["round"] for row in resumed["history"]] == [1, 2]
     assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]
+
+
+def test_a_fresh_run_moves_an_unfinished_checkpoint_aside_instead_of_writing_over_it(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.federated as federated
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=2)
+    real = federated.evaluate
+
+    def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated crash in round 1")
+
+    monkeypatch.setattr(federated, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dplora_pipeline(cfg)
+    monkeypatch.setattr(federated, "evaluate", real)
+    interrupted = load_checkpoint(cfg.run_dir / "checkpoint")
+    assert interrupted is not None and interrupted.state["pending"]["round"] == 1
+    federated_finetune(cfg)  # no resume: starts afresh
+    (moved,) = cfg.run_dir.glob("checkpoint.superseded-*")
+    kept = load_checkpoint(moved)
+    assert kept is not None and kept.state == interrupted.state and kept.adapter == interrupted.adapter
+    finished = load_checkpoint(cfg.run_dir / "checkpoint")
+    assert finished is not None and finished.round == 2 and "pending" not in finished.state
