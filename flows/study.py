@@ -134,7 +134,8 @@ def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
 def write_record(
     study: StudyConfig, cell: Cell, row: dict[str, Any], training: dict[str, Any], commit: str | None
 ) -> None:
-    """Record a finished run (config, row, per-round history, the code's commit) unless the same row is recorded."""
+    """Record a finished run (config, row, per-round history, the commit of the code that trained it, None if
+    unknown) unless the same row is recorded."""
     path = record_path(study, cell)
     if path is None:
         return
@@ -217,7 +218,7 @@ def study_cell(
             return None, False
         finished = train_cell(study, cell, position)
     row = result_row(cell, *finished)
-    write_record(study, cell, row, finished[1], commit)
+    write_record(study, cell, row, finished[1], commit if ran else None)  # read back: trained by unknown code
     return row, ran
 
 

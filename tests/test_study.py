@@ -369,7 +369,7 @@ def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_study_s_own_o
     assert str(flows.study.code_version(study)).endswith("+dirty")
 
 
-def test_a_record_names_the_commit_the_study_started_on_not_later_edits(
+def test_a_record_names_the_commit_the_study_started_on_not_later_edits_or_none_if_unknown(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A study runs for hours with the code it loaded; an edit to the checkout meanwhile is not what ran."""
@@ -387,8 +387,12 @@ def test_a_record_names_the_commit_the_study_started_on_not_later_edits(
 
     monkeypatch.setattr(flows.study, "dplora_pipeline", train_then_edit)
     run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
-    commits = {json.loads(f.read_text())["commit"] for f in (tmp_path / "results" / "runs" / "r").glob("*.json")}
+    records = tmp_path / "results" / "runs" / "r"
+    commits = {json.loads(f.read_text())["commit"] for f in records.glob("*.json")}
     assert len(commits) == 1 and not commits.pop().endswith("+dirty")
+    shutil.rmtree(records)  # run directories without records: which code trained them is not known here
+    run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    assert {json.loads(f.read_text())["commit"] for f in records.glob("*.json")} == {None}
 
 
 def test_a_cell_whose_files_do_not_read_is_listed_failed_and_the_others_still_count(
