@@ -7,8 +7,10 @@ A diagnostic for choosing `privacy.max_grad_norm`, not a speed benchmark. It rea
 client 0's shard (the cell's partition.json must exist: run the cell first) and, at the round-0 adapter or
 the given one, prints the quantiles of ||g_i|| and, for each C, ||mean_i clip_C(g_i)|| / C: the share of the
 clipping bound that survives averaging. DP-SGD's noise on that mean is sigma C sqrt(d) / B whatever the
-gradients, so this ratio is the signal side of the signal-to-noise ratio. Run it on tuning data only: a
-choice of C read off private records is itself a release that no accountant here charges.
+gradients, so this ratio bounds the signal side of the signal-to-noise ratio; it is not all useful signal:
+clipping every example (C far below the norms) grows it with a push towards the majority class, and a
+run at C = 0.1 collapsed to that class (docs/results.md, "Clipping and batch"). Run it on tuning data only:
+a choice of C read off private records is itself a release that no accountant here charges.
 """
 
 from __future__ import annotations
