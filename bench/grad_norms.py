@@ -3,14 +3,16 @@
     python bench/grad_norms.py configs/study-recipe-fp32.yaml recipe-fp32-dp-eps8-ffa10-svd-s4 \
         [--adapter outputs/recipe-fp32-dp-eps8-ffa10-svd-s4/adapter.safetensors] [--records 96] [--clip 1 0.5 0.1]
 
-A diagnostic for choosing `privacy.max_grad_norm`, not a speed benchmark. It reads the first --records of
-client 0's shard (the cell's partition.json must exist: run the cell first) and, at the round-0 adapter or
-the given one, prints the quantiles of ||g_i|| and, for each C, ||mean_i clip_C(g_i)|| / C: the share of the
-clipping bound that survives averaging. DP-SGD's noise on that mean is sigma C sqrt(d) / B whatever the
-gradients, so this ratio bounds the signal side of the signal-to-noise ratio; it is not all useful signal:
-clipping every example (C far below the norms) grows it with a push towards the majority class, and a
-run at C = 0.1 collapsed to that class (docs/results.md, "Clipping and batch"). Run it on tuning data only:
-a choice of C read off private records is itself a release that no accountant here charges.
+A diagnostic for choosing `privacy.max_grad_norm`, not a speed benchmark. It draws --records of client 0's
+shard at random (seed 0; the shard keeps the split's order, which groups labels; the cell's partition.json
+must exist: run the cell first) and, at the round-0 adapter or the given one, prints the quantiles of
+||g_i|| and, for each C, ||mean_i clip_C(g_i)|| / C (the share of the clipping bound that survives
+averaging) and the cosine of that mean with each label's own clipped mean. DP-SGD's noise on that mean
+is sigma C sqrt(d) / B whatever the gradients, so this ratio bounds the signal side of the signal-to-noise
+ratio. It is not all useful signal: clipping every example (C far below the norms) grows it with a push
+towards the majority class, and runs at C = 0.1 collapsed to that class (docs/results.md, "Clipping and
+batch"). Run it on tuning data only: a choice of C read off private records is itself a release that no
+accountant here charges.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def main() -> None:
         state = init_lora_state(ws.model, seed=cfg.federation.seed, init_a=cfg.lora.init_a)
     load_adapter_state(ws.model, state, source=str(args.adapter or "round-0 adapter"))
 
-    items = list(client_data(cfg, 0)[: args.records])
+    shard = client_data(cfg, 0)
+    drawn = torch.randperm(len(shard), generator=torch.Generator().manual_seed(0))[: args.records]
+    items = [shard[i] for i in sorted(drawn.tolist())]
     device = next(ws.model.parameters()).device
     grads = PerExampleGrads(trainable_linears(ws.model))
     rows = []
@@ -64,9 +68,19 @@ def main() -> None:
     q = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], device=norms.device))
     print(f"{args.cell} at {args.adapter or 'round 0'}: d = {g.shape[1]:,}, {g.shape[0]} records of client 0")
     print("||g_i|| quantiles 10/25/50/75/90 %: " + ", ".join(f"{float(x):.3f}" for x in q))
+    labels = [item.label for item in items]  # microbatch keeps the items' order
+    classes = sorted(set(labels))
+    print("records per label: " + ", ".join(f"{k} {labels.count(k)}" for k in classes))
     for c in args.clip:
-        kept = (g * M.clip_factors(norms, c)[:, None]).mean(dim=0).norm() / c  # ||mean clip_C(g_i)|| / C
-        print(f"C = {c:g}: {float((norms > c).float().mean()):.0%} clipped, ||mean clipped|| / C = {float(kept):.3f}")
+        clipped = g * M.clip_factors(norms, c)[:, None]  # (n, d)
+        mean = clipped.mean(dim=0)  # (d,)
+        cosines = []  # which label's own clipped mean the overall mean points along
+        for k in classes:
+            of_k = torch.tensor([label == k for label in labels], device=g.device)
+            cosines.append(float(torch.nn.functional.cosine_similarity(mean, clipped[of_k].mean(dim=0), dim=0)))
+        print(f"C = {c:g}: {float((norms > c).float().mean()):.0%} clipped, ||mean clipped|| / C = "
+              f"{float(mean.norm() / c):.3f}; cosine with each label's mean: "
+              + ", ".join(f"{k} {cos:.2f}" for k, cos in zip(classes, cosines, strict=True)))
 
 
 if __name__ == "__main__":
