@@ -388,21 +388,26 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
             "clip_norm": state.clip_norm if p.mode == "client" else None,
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
-            "per_client": None if private else per_client_numbers(updates, per_ledger),
+            "per_client": None if private else per_client_numbers(updates, per_ledger, charged=released),
             "base_dtypes": None if private else sorted({u.base_dtype for u in updates}),
         }
     )
 
 
-def per_client_numbers(updates: list[ClientUpdate], epsilons: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Each aggregated client's bytes up, records and (record-level DP) epsilon so far, for MLflow."""
-    numbers: dict[str, dict[str, float]] = {}
+def per_client_numbers(
+    updates: list[ClientUpdate], epsilons: dict[str, float], *, charged: set[int]
+) -> dict[str, dict[str, float]]:
+    """Each aggregated client's bytes up and records, and each charged client's epsilon so far, for MLflow.
+
+    A client whose update was sent but rejected is charged for it, so it is listed with its epsilon alone.
+    """
+    numbers: dict[str, dict[str, float]] = {str(k): {} for k in sorted(charged)}
     for u in updates:
-        k = str(u.client_id)
-        numbers[k] = {"bytes_up": len(u.adapter), "num_examples": u.num_examples}
+        numbers[str(u.client_id)] = {"bytes_up": len(u.adapter), "num_examples": u.num_examples}
+    for k, client_numbers in numbers.items():
         if k in epsilons:
-            numbers[k]["epsilon"] = epsilons[k]
-    return numbers
+            client_numbers["epsilon"] = epsilons[k]
+    return {k: v for k, v in numbers.items() if v}
 
 
 class RoundFailed(RuntimeError):
