@@ -62,21 +62,48 @@ def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
     return adapter
 
 
-def existing_update(directory: Path, client_id: int, round_num: int) -> ClientUpdate | None:
+MAX_RECORD_BYTES = 1 << 16  # a client's JSON record is a few hundred bytes
+
+
+def max_update_bytes(global_model: GlobalModel) -> int:
+    """The largest adapter file accepted back for a round that starts from `global_model`.
+
+    An update holds the global adapter's tensors in at most float32 (plus, for int8, one scale per row), so
+    twice the global adapter plus room for a longer header is generous; a silo cannot make the coordinator
+    read and parse gigabytes.
+    """
+    return 2 * len(global_model.adapter) + (1 << 16)
+
+
+def existing_update(directory: Path, client_id: int, round_num: int, *, max_bytes: int) -> ClientUpdate | None:
     """The update a silo already released in this folder (a retry or a resumed round), or None."""
     record_path = directory / f"client-{client_id}.json"
     if not record_path.is_file():
         return None
-    return read_update(directory, client_id, round_num, sender=json.loads(record_path.read_text()).get("sender"))
+    sender = json.loads(_read_capped(record_path, MAX_RECORD_BYTES)).get("sender")
+    return read_update(directory, client_id, round_num, sender=sender, max_bytes=max_bytes)
 
 
-def read_update(directory: Path, client_id: int, round_num: int, *, sender: str) -> ClientUpdate:
-    """Client `client_id`'s update of `round_num`, written by the silo run `sender`, or AdapterError naming it."""
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, or OSError if it is larger than max_bytes (checked before reading)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise OSError(f"{size:,} bytes, more than the {max_bytes:,} accepted")
+    return path.read_bytes()
+
+
+def read_update(directory: Path, client_id: int, round_num: int, *, sender: str, max_bytes: int) -> ClientUpdate:
+    """Client `client_id`'s update of `round_num`, written by the silo run `sender`, or AdapterError naming it.
+
+    Files larger than `max_bytes` (the adapter; see `max_update_bytes`) or MAX_RECORD_BYTES (its record)
+    are refused before they are read.
+    """
     record_path = directory / f"client-{client_id}.json"
+    adapter_path = directory / f"client-{client_id}.safetensors"
     who = f"client {client_id} update, round {round_num} ({record_path})"
     try:
-        record = json.loads(record_path.read_text())
-        adapter = (directory / f"client-{client_id}.safetensors").read_bytes()
+        record = json.loads(_read_capped(record_path, MAX_RECORD_BYTES))
+        adapter = _read_capped(adapter_path, max_bytes)
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterError(f"{who}: unreadable: {err}") from err
     if record.get("sender") != sender:

@@ -26,7 +26,7 @@ def client_train(request: TrainRequest, data_path: str) -> dict[str, Any]:
     global_model = exchange.read_global(directory, r)
     if exchange.round_dir(cfg, global_model) != directory:
         raise ValueError(f"{directory}: holds a global adapter of another config or round than round {r} of {cfg.name}")
-    update = exchange.existing_update(directory, k, r)
+    update = exchange.existing_update(directory, k, r, max_bytes=exchange.max_update_bytes(global_model))
     if update is None:
         update = train_silo(cfg, r, k, global_model, request.noise_multiplier, data_path)
     else:  # the same round from the same adapter: send the same release again, never a second one

@@ -40,7 +40,9 @@ def train_remote(
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"silo {silo.name} (client {client_id}), round {round_num}: flow run {run.id} ended {state}")
-    return exchange.read_update(folder, client_id, round_num, sender=str(run.id))
+    return exchange.read_update(
+        folder, client_id, round_num, sender=str(run.id), max_bytes=exchange.max_update_bytes(global_model)
+    )
 
 
 def publish_global(cfg: ExperimentConfig, global_model: GlobalModel) -> None:

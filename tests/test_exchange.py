@@ -19,6 +19,7 @@ from flows.cli import main
 from tasks.runtime import silo_data
 from tests.helpers import tiny_config
 
+LIMIT = 1 << 20
 SILOS = [{"name": "bank-a", "num_examples": 3}, {"name": "bank-b", "num_examples": 4}]
 
 
@@ -30,7 +31,7 @@ def an_update(client_id: int = 1, round_num: int = 2) -> ClientUpdate:
 def test_an_update_round_trips_through_the_exchange_folder(tmp_path: Path) -> None:
     update = an_update()
     exchange.write_update(tmp_path, update, sender="run-1")
-    assert exchange.read_update(tmp_path, 1, 2, sender="run-1") == update
+    assert exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT) == update
 
 
 def test_an_update_record_without_the_clients_dtype_is_refused_by_name(tmp_path: Path) -> None:
@@ -40,7 +41,7 @@ def test_an_update_record_without_the_clients_dtype_is_refused_by_name(tmp_path:
     del record["base_dtype"]
     record_path.write_text(json.dumps(record))
     with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*lacks base_dtype"):
-        exchange.read_update(tmp_path, 1, 2, sender="run-1")
+        exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT)
 
 
 def test_the_global_adapter_round_trips(tmp_path: Path) -> None:
@@ -51,25 +52,37 @@ def test_the_global_adapter_round_trips(tmp_path: Path) -> None:
 def test_an_update_from_another_silo_run_is_refused_as_stale(tmp_path: Path) -> None:
     exchange.write_update(tmp_path, an_update(), sender="earlier-run")
     with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*earlier-run, not by run-2"):
-        exchange.read_update(tmp_path, 1, 2, sender="run-2")
+        exchange.read_update(tmp_path, 1, 2, sender="run-2", max_bytes=LIMIT)
 
 
 def test_an_adapter_changed_after_its_record_is_refused(tmp_path: Path) -> None:
     path = exchange.write_update(tmp_path, an_update(), sender="run-1")
     path.write_bytes(to_bytes({"layer.lora_B.weight": torch.zeros(2, 3)}))
     with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*sha256"):
-        exchange.read_update(tmp_path, 1, 2, sender="run-1")
+        exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT)
 
 
 def test_an_update_recorded_for_another_round_is_refused(tmp_path: Path) -> None:
     exchange.write_update(tmp_path, an_update(round_num=1), sender="run-1")
     with pytest.raises(AdapterError, match="says client 1, round 1"):
-        exchange.read_update(tmp_path, 1, 2, sender="run-1")
+        exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT)
+
+
+def test_an_oversized_update_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = exchange.write_update(tmp_path, an_update(), sender="run-1")
+    limit = path.stat().st_size - 1
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*unreadable: .* bytes, more than the"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=limit)
+
+
+def test_the_update_limit_leaves_room_for_a_full_precision_update() -> None:
+    adapter = to_bytes({"layer.lora_B.weight": torch.ones(64, 4)})
+    assert exchange.max_update_bytes(GlobalModel(round=0, adapter=adapter)) > len(adapter)
 
 
 def test_a_missing_update_names_the_client(tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match=r"client 0 update, round 1 .*unreadable"):
-        exchange.read_update(tmp_path, 0, 1, sender="run-1")
+        exchange.read_update(tmp_path, 0, 1, sender="run-1", max_bytes=LIMIT)
 
 
 def test_a_silo_refuses_data_that_differs_from_its_declared_size(tiny_model_dir, raw_dir, tmp_path: Path) -> None:
@@ -94,9 +107,9 @@ def test_a_silo_names_the_line_of_an_unknown_label(tiny_model_dir, raw_dir, tmp_
 
 
 def test_a_completed_update_is_found_again_for_the_same_round(tmp_path: Path) -> None:
-    assert exchange.existing_update(tmp_path, 1, 2) is None
+    assert exchange.existing_update(tmp_path, 1, 2, max_bytes=LIMIT) is None
     exchange.write_update(tmp_path, an_update(), sender="run-1")
-    assert exchange.existing_update(tmp_path, 1, 2) == an_update()
+    assert exchange.existing_update(tmp_path, 1, 2, max_bytes=LIMIT) == an_update()
 
 
 def test_the_round_folder_changes_with_the_global_adapter_and_the_config(tiny_model_dir, raw_dir, tmp_path) -> None:
