@@ -149,6 +149,12 @@ class FederationConfig(_Strict):
     warmup_steps: int = Field(
         0, ge=0, description="Local steps over which the learning rate ramps up linearly, every round (0: none)."
     )
+    round_decay: float = Field(
+        1.0, gt=0, le=1,
+        description="Round r trains at learning_rate x round_decay^(r-1) (1: the same every round). Under DP "
+        "noise AdamW moves each coordinate by about the learning rate whatever the signal; decaying it lets "
+        "later rounds settle instead of walking as far as the first.",
+    )
     server_learning_rate: float = Field(
         1.0, gt=0, description="Server step on the aggregated update (FedOpt, server SGD); 1: plain FedAvg. "
         "Post-processing: it changes no privacy guarantee.",

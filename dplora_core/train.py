@@ -200,6 +200,11 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / (warmup_steps + 1))
 
 
+def round_learning_rate(learning_rate: float, round_num: int, decay: float) -> float:
+    """learning_rate x decay^(round_num - 1): rounds count from 1, so round 1 takes the full rate."""
+    return learning_rate * decay ** (round_num - 1)
+
+
 def train_local(
     model: nn.Module,
     data: Sequence[Encoded],

@@ -35,7 +35,7 @@ from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier,
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, ServerStep, Strategy
-from dplora_core.train import DpSgdParams, PaperDpParams, sample_rate, train_local
+from dplora_core.train import DpSgdParams, PaperDpParams, round_learning_rate, sample_rate, train_local
 from tasks.runtime import (
     ZERO_SHOT_SCORES,
     client_data,
@@ -172,7 +172,8 @@ def local_update(
         load_adapter_state(ws.model, start, source="global adapter")
         result = train_local(
             ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
-            learning_rate=f.learning_rate, pad_id=ws.pad_id, generator=generator, dp=dp,
+            learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
+            generator=generator, dp=dp,
             label_ids=label_ids_of(cfg) if f.loss == "label_words" else None, warmup_steps=f.warmup_steps,
             optimizer=f.optimizer, momentum=f.momentum, prefix=prefix,
         )

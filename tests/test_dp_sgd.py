@@ -20,6 +20,7 @@ from dplora_core.train import (
     dp_gradients,
     microbatch,
     plain_gradients,
+    round_learning_rate,
     train_local,
     warmup_factor,
 )
@@ -168,6 +169,11 @@ def test_dp_training_changes_only_lora_weights(tiny_model_dir: Path) -> None:
 def test_warmup_ramps_linearly_then_holds() -> None:
     assert [warmup_factor(t, 3) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+
+
+def test_round_learning_rate_decays_geometrically_from_the_full_rate_in_round_one() -> None:
+    assert [round_learning_rate(0.1, r, 0.5) for r in (1, 2, 3)] == pytest.approx([0.1, 0.05, 0.025])
+    assert round_learning_rate(0.1, 3, 1.0) == 0.1
 
 
 def test_warmup_scales_the_first_adamw_step(tiny_model_dir: Path) -> None:

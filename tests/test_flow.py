@@ -141,6 +141,25 @@ def test_report_writes_a_summary_and_png_plots(finished, tmp_path: Path) -> None
     assert row in summary and "record-level" in summary
 
 
+def test_a_client_trains_its_round_at_the_decayed_learning_rate(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """federation.round_decay reaches the local optimizer: round 3 at decay 0.5 trains at a quarter of the rate."""
+    import tasks.training as training
+    from dplora_core.train import LocalResult
+
+    seen: list[float] = []
+
+    def record(model, data, *, learning_rate, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(learning_rate)
+        return LocalResult(mean_loss=0.0, steps=0, examples_seen=0, dp_run=None)
+
+    monkeypatch.setattr(training, "train_local", record)
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="none", federation__round_decay=0.5)
+    training.local_update(cfg, 3, 0, init_adapter.fn(cfg), None, ())
+    assert seen == [pytest.approx(cfg.federation.learning_rate / 4)]
+
+
 def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
     cfg, _ = finished
     global_model = init_adapter.fn(cfg)
