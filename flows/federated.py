@@ -401,13 +401,13 @@ def per_client_numbers(
 
     A client whose update was sent but rejected is charged for it, so it is listed with its epsilon alone.
     """
-    numbers: dict[str, dict[str, float]] = {str(k): {} for k in sorted(charged)}
-    for u in updates:
-        numbers[str(u.client_id)] = {"bytes_up": len(u.adapter), "num_examples": u.num_examples}
-    for k, client_numbers in numbers.items():
+    numbers: dict[str, dict[str, float]] = {
+        str(u.client_id): {"bytes_up": len(u.adapter), "num_examples": u.num_examples} for u in updates
+    }
+    for k in map(str, sorted(charged)):  # every aggregated client was charged too
         if k in epsilons:
-            client_numbers["epsilon"] = epsilons[k]
-    return {k: v for k, v in numbers.items() if v}
+            numbers.setdefault(k, {})["epsilon"] = epsilons[k]
+    return numbers
 
 
 class RoundFailed(RuntimeError):
