@@ -150,14 +150,22 @@ def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
     assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 1, 1]  # client 1 did release: charged
 
 
+def run_with_client_2_claiming_10_to_the_12_records(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """A one-round pipeline in which client 2's update overstates its record count; its training.json."""
+    tamper_update(monkeypatch, 2, lambda update: dataclasses.replace(update, num_examples=10**12))
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
+    dplora_pipeline(cfg)
+    summary: dict[str, Any] = json.loads((cfg.run_dir / "training.json").read_text())
+    return summary
+
+
 def test_a_rejected_update_is_listed_with_its_epsilon_alone(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its release is charged, so the round's per-client numbers show that epsilon; no bytes, nothing aggregated."""
-    tamper_update(monkeypatch, 2, lambda update: dataclasses.replace(update, num_examples=10**12))
-    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
-    dplora_pipeline(cfg)
-    summary = json.loads((cfg.run_dir / "training.json").read_text())
+    summary = run_with_client_2_claiming_10_to_the_12_records(tiny_model_dir, raw_dir, tmp_path, monkeypatch)
     per_client = summary["history"][0]["per_client"]
     assert per_client["2"] == {"epsilon": pytest.approx(summary["privacy"]["per_client_epsilon"]["2"])}
     assert per_client["2"]["epsilon"] > 0 and set(per_client["0"]) == {"bytes_up", "num_examples", "epsilon"}
@@ -167,11 +175,8 @@ def test_an_update_reporting_another_record_count_is_rejected_by_name(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FedAvg weighs each update by its record count: one client claiming 10^12 records would be the average."""
-    tamper_update(monkeypatch, 2, lambda update: dataclasses.replace(update, num_examples=10**12))
-    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2)
-    dplora_pipeline(cfg)
-    history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
-    assert history[0]["failed_clients"] == [2]
+    summary = run_with_client_2_claiming_10_to_the_12_records(tiny_model_dir, raw_dir, tmp_path, monkeypatch)
+    assert summary["history"][0]["failed_clients"] == [2]
 
 
 def test_a_failed_silo_is_named_and_still_charged(
