@@ -76,20 +76,14 @@ def max_update_bytes(global_model: GlobalModel) -> int:
 
 
 def existing_update(directory: Path, client_id: int, round_num: int, *, max_bytes: int) -> ClientUpdate | None:
-    """The update a silo already released in this folder (a retry or a resumed round), or None."""
-    record_path = directory / f"client-{client_id}.json"
-    if not record_path.is_file():
+    """The update a silo already released in this folder (a retry or a resumed round), or None.
+
+    Whichever silo run wrote it: the silo re-sends its own earlier release. A record that does not read, or
+    does not match its adapter, is an AdapterError naming it, as in `read_update`.
+    """
+    if not (directory / f"client-{client_id}.json").is_file():
         return None
-    sender = json.loads(_read_capped(record_path, MAX_RECORD_BYTES)).get("sender")
-    return read_update(directory, client_id, round_num, sender=sender, max_bytes=max_bytes)
-
-
-def _read_capped(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, or OSError if it is larger than max_bytes (checked before reading)."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise OSError(f"{size:,} bytes, more than the {max_bytes:,} accepted")
-    return path.read_bytes()
+    return _load_update(directory, client_id, round_num, max_bytes=max_bytes)[1]
 
 
 def read_update(directory: Path, client_id: int, round_num: int, *, sender: str, max_bytes: int) -> ClientUpdate:
@@ -98,16 +92,29 @@ def read_update(directory: Path, client_id: int, round_num: int, *, sender: str,
     Files larger than `max_bytes` (the adapter; see `max_update_bytes`) or MAX_RECORD_BYTES (its record)
     are refused before they are read.
     """
+    written_by, update = _load_update(directory, client_id, round_num, max_bytes=max_bytes)
+    if written_by != sender:
+        raise AdapterError(f"{_who(directory, client_id, round_num)}: written by silo run {written_by}, "
+                           f"not by {sender} (stale?)")
+    return update
+
+
+def _who(directory: Path, client_id: int, round_num: int) -> str:
+    return f"client {client_id} update, round {round_num} ({directory / f'client-{client_id}.json'})"
+
+
+def _load_update(directory: Path, client_id: int, round_num: int, *, max_bytes: int) -> tuple[object, ClientUpdate]:
+    """(the silo run its record names, the update), each file read once and checked against the other."""
     record_path = directory / f"client-{client_id}.json"
     adapter_path = directory / f"client-{client_id}.safetensors"
-    who = f"client {client_id} update, round {round_num} ({record_path})"
+    who = _who(directory, client_id, round_num)
     try:
         record = json.loads(_read_capped(record_path, MAX_RECORD_BYTES))
         adapter = _read_capped(adapter_path, max_bytes)
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterError(f"{who}: unreadable: {err}") from err
-    if record.get("sender") != sender:
-        raise AdapterError(f"{who}: written by silo run {record.get('sender')}, not by {sender} (stale?)")
+    if not isinstance(record, dict):
+        raise AdapterError(f"{who}: the record is not a JSON object")
     if (record.get("client_id"), record.get("round")) != (client_id, round_num):
         raise AdapterError(f"{who}: says client {record.get('client_id')}, round {record.get('round')}")
     if hashlib.sha256(adapter).hexdigest() != record.get("sha256"):
@@ -116,8 +123,16 @@ def read_update(directory: Path, client_id: int, round_num: int, *, sender: str,
     if missing:
         raise AdapterError(f"{who}: the record lacks {', '.join(missing)}")
     dp_run = record["dp_run"]
-    return ClientUpdate(
+    return record.get("sender"), ClientUpdate(
         client_id=client_id, round=round_num, num_examples=int(record["num_examples"]), adapter=adapter,
         train_loss=record["train_loss"], dp_run=DpSgdRun(**dp_run) if dp_run else None,
         base_dtype=str(record["base_dtype"]),
     )
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, or OSError if it is larger than max_bytes (checked before reading)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise OSError(f"{size:,} bytes, more than the {max_bytes:,} accepted")
+    return path.read_bytes()

@@ -112,6 +112,20 @@ def test_a_completed_update_is_found_again_for_the_same_round(tmp_path: Path) ->
     assert exchange.existing_update(tmp_path, 1, 2, max_bytes=LIMIT) == an_update()
 
 
+def test_a_corrupt_earlier_release_is_refused_by_name_not_resent(tmp_path: Path) -> None:
+    exchange.write_update(tmp_path, an_update(), sender="run-1")
+    (tmp_path / "client-1.json").write_text("{not json")
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*unreadable"):
+        exchange.existing_update(tmp_path, 1, 2, max_bytes=LIMIT)
+
+
+def test_a_record_that_is_not_a_json_object_is_refused(tmp_path: Path) -> None:
+    exchange.write_update(tmp_path, an_update(), sender="run-1")
+    (tmp_path / "client-1.json").write_text("[1, 2]")
+    with pytest.raises(AdapterError, match=r"client 1 update, round 2 .*not a JSON object"):
+        exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT)
+
+
 def test_the_round_folder_changes_with_the_global_adapter_and_the_config(tiny_model_dir, raw_dir, tmp_path) -> None:
     cfg = tiny_config(
         tiny_model_dir, tmp_path, raw_dir, federation__silos=SILOS, federation__exchange_dir=str(tmp_path / "x")
