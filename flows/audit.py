@@ -1,7 +1,7 @@
 """Empirical privacy audit: canaries planted in one client, a loss-threshold membership-inference attack.
 
 Client 0 trains two adapters from the same initial adapter on its records plus m member canaries,
-for as many local steps as it would take in the whole federated run (rounds x local_steps):
+alone but on its federated schedule (rounds of local_steps, each at its round's learning rate):
 one with DP-SGD exactly as configured, one without DP. The attack scores the m members and m
 held-out canaries (score = -label-word loss); its AUC and the empirical epsilon lower bound it
 suggests (`dplora_core.privacy.audit`) are reported next to the accountant's epsilon.

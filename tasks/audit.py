@@ -16,7 +16,7 @@ from dplora_core.model import init_lora_state
 from dplora_core.privacy.accountant import PrivacyLedger
 from dplora_core.privacy.canaries import canary_scores
 from dplora_core.privacy.mechanisms import noise_generator
-from dplora_core.train import DpSgdParams, train_local
+from dplora_core.train import DpSgdParams, round_learning_rate, train_local
 from tasks.data import partition_clients, prepare_data
 from tasks.runtime import label_ids_of, partition_path, split_path, workspace
 from tasks.training import check_delta, record_noise_multiplier
@@ -51,24 +51,28 @@ def audit_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
 def train_and_score(
     cfg: ExperimentConfig, label: str, data: list[Encoded], canaries: list[Encoded], dp: DpSgdParams | None
 ) -> tuple[list[float], PrivacyLedger | None]:
-    """Train client 0's adapter from the seeded initial adapter on `data`; score every canary; the run's ledger."""
+    """Train client 0's adapter as in the federation, alone; score every canary; the run's ledger.
+
+    Each round is `local_steps` steps with a fresh optimizer at that round's learning rate (warm-up and
+    `round_decay` included), continuing from the previous round's adapter (no other client to average with).
+    """
     ws = workspace(cfg.model, cfg.lora)
     f, p = cfg.federation, cfg.privacy
     device = next(ws.model.parameters()).device
     generator = noise_generator(p.noise_seed, AUDIT_KEY, 0 if dp is not None else 1, device=device)
     label_ids = label_ids_of(cfg)
+    ledger = PrivacyLedger(kind=p.accountant) if dp is not None else None
     with ws.lock:
         initial = init_lora_state(ws.model, seed=f.seed, init_a=cfg.lora.init_a)
         load_adapter_state(ws.model, initial, source="initial adapter")
-        result = train_local(
-            ws.model, data, steps=f.rounds * f.local_steps, batch_size=f.batch_size,
-            microbatch_size=f.microbatch_size, learning_rate=f.learning_rate, pad_id=ws.pad_id,
-            generator=generator, dp=dp, label_ids=label_ids if f.loss == "label_words" else None,
-            warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum,
-        )
+        for round_num in range(1, f.rounds + 1):  # the client's schedule in the federation: rounds of local steps
+            result = train_local(
+                ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
+                learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
+                generator=generator, dp=dp, label_ids=label_ids if f.loss == "label_words" else None,
+                warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum,
+            )
+            if ledger is not None and result.dp_run is not None:
+                ledger.record(result.dp_run)
         scores = canary_scores(ws.model, canaries, label_ids, pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size)
-    ledger = None
-    if result.dp_run is not None:
-        ledger = PrivacyLedger(kind=p.accountant)
-        ledger.record(result.dp_run)
     return scores.tolist(), ledger

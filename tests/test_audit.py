@@ -22,7 +22,7 @@ from tests.helpers import tiny_config
 LABELS = TASKS["financial_phrasebank"].labels
 CANARIES = 32  # per side: 32 planted vs 32 held out
 # Client 0 holds 8 real records and 32 canaries; 2 x 125 local steps at lr 1e-2 without DP fit most of them.
-# Measured over noise seeds 0-12 (canaries fixed): AUC 0.87-0.94 without DP, 0.52-0.63 with DP at epsilon 1.
+# Measured over noise seeds 0-12 (canaries fixed, 2026-12-04): AUC 0.82-0.96 without DP, 0.51-0.63 with DP at epsilon 1.
 AUDIT = {
     "privacy__target_epsilon": 1.0, "data__max_train_examples": 16, "federation__rounds": 2,
     "federation__local_steps": 125, "federation__learning_rate": 1e-2, "federation__microbatch_size": 8,
@@ -87,7 +87,7 @@ def audited(tiny_model_dir: Path, raw_dir: Path, tmp_path_factory: pytest.TempPa
 
 def test_without_dp_the_attack_shows_memorisation(audited) -> None:
     _, result = audited
-    assert result["nodp"]["auc"] >= 0.8  # 0.94 measured with this seed
+    assert result["nodp"]["auc"] >= 0.8  # 0.948 measured with this seed
 
 
 def test_with_dp_at_epsilon_1_the_attack_stays_near_chance(audited) -> None:
@@ -95,7 +95,7 @@ def test_with_dp_at_epsilon_1_the_attack_stays_near_chance(audited) -> None:
     and 0.7 stays below e/(1+e) = 0.73, the largest AUC any epsilon = 1 mechanism allows. Broken noise or
     clipping gives the no-DP AUC (~0.9). The noise seed is fixed, so the test is deterministic."""
     _, result = audited
-    assert abs(result["dp"]["auc"] - 0.5) <= 0.2  # 0.59 measured with this seed
+    assert abs(result["dp"]["auc"] - 0.5) <= 0.2  # 0.554 measured with this seed
 
 
 def test_with_dp_the_empirical_lower_bound_is_at_most_the_accountant_epsilon(audited) -> None:
@@ -154,6 +154,27 @@ def test_format_audit_prints_both_runs_and_what_the_numbers_mean(audited) -> Non
     assert f"DP-SGD | {dp['auc']:.3f}" in text and f"{dp['accountant_epsilon']:.3f}" in text
     assert f"no DP  | {nodp['auc']:.3f}" in text and "infinity" in text
     assert "calls for investigation" in text
+
+
+def test_the_audit_trains_each_round_as_the_federation_would(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rounds x local_steps as `rounds` runs of local_steps, each at its round's rate (round_decay 0.5)."""
+    import tasks.audit as audit
+    from dplora_core.train import LocalResult
+
+    seen: list[tuple[int, float]] = []
+
+    def record(model, data, *, steps, learning_rate, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((steps, learning_rate))
+        return LocalResult(mean_loss=0.0, steps=steps, examples_seen=0, dp_run=None)
+
+    monkeypatch.setattr(audit, "train_local", record)
+    monkeypatch.setattr(audit, "canary_scores", lambda *args, **kwargs: torch.zeros(0))
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=3, federation__round_decay=0.5)
+    audit.train_and_score.fn(cfg, "nodp", [], [], None)
+    lr, steps = cfg.federation.learning_rate, cfg.federation.local_steps
+    assert seen == [(steps, pytest.approx(lr)), (steps, pytest.approx(lr / 2)), (steps, pytest.approx(lr / 4))]
 
 
 @pytest.mark.parametrize("mode", ["none", "client", "paper"])
