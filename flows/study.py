@@ -174,34 +174,39 @@ def run_study(
     study: StudyConfig, run_missing: bool = True, use_records: bool = True, only: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Every cell x seed of the study, finished ones read back (from the run directory, else from the
-    committed record); results.json and the document section, rewritten after each run so that an
-    interrupted study still shows what it has. `run_missing=False` only tabulates the finished runs;
-    `use_records=False` runs the cells that have only a record again; `only` (globs of run names, e.g.
-    "*-s0"): train only the cells it names, tabulating the others' finished runs."""
+    committed record), then the missing ones trained; results.json and the document section, rewritten
+    after each run with every row known so far, so that an interrupted study still shows all it has.
+    `run_missing=False` only tabulates the finished runs; `use_records=False` runs the cells that have only
+    a record again; `only` (globs of run names, e.g. "*-s0"): train only the cells it names, tabulating
+    the others' finished runs."""
     log = get_run_logger()
     base = load_config(study.base)
     cells = expand(study, base.model_dump(mode="json"))
     output_dir = Path(base.tracking.output_dir)
     commit = code_version(study)  # the code this process loaded: later edits to the checkout do not run here
-    rows: list[dict[str, Any]] = []
+    rows: dict[int, dict[str, Any]] = {}  # by the cell's position in the grid, which orders the table
     failed: dict[str, str] = {}
-    for i, cell in enumerate(cells, 1):
-        # one failed cell (its training, or a file of it that does not read) must not lose the others:
-        # it is listed and re-run next time
-        try:
-            row, ran = study_cell(
-                study, cell, f"{i}/{len(cells)}", commit, use_records=use_records,
-                run_missing=run_missing and (not only or selected(cell, only)),
-            )
-        except Exception as err:
-            failed[cell.config.name] = f"{type(err).__name__}: {err}"
-            log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
-            continue
-        if row is not None:
-            rows.append(row)
-        if ran:
-            publish(study, output_dir, rows, failed, len(cells))
-    return publish(study, output_dir, rows, failed, len(cells))
+    for training in (False, True):  # first every finished run, then training the missing ones
+        for i, cell in enumerate(cells, 1):
+            if i in rows or cell.config.name in failed:
+                continue
+            if training and not (run_missing and (not only or selected(cell, only))):
+                continue
+            # one failed cell (its training, or a file of it that does not read) must not lose the others:
+            # it is listed and re-run next time
+            try:
+                row, ran = study_cell(
+                    study, cell, f"{i}/{len(cells)}", commit, use_records=use_records, run_missing=training
+                )
+            except Exception as err:
+                failed[cell.config.name] = f"{type(err).__name__}: {err}"
+                log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
+                continue
+            if row is not None:
+                rows[i] = row
+            if ran:
+                publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells))
+    return publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells))
 
 
 def study_cell(

@@ -336,6 +336,26 @@ def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(
     assert calls == ["r-low-s1", "r-low-s0"]
 
 
+def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted study's document keeps every row it had, not only those of the cells before the cut."""
+    calls: list[str] = []
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
+    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    run_study(study, only=["*-s1"])
+    tables: list[list[str]] = []
+
+    def spy(study: StudyConfig, output_dir: Path, rows: list[dict[str, object]], *args: object) -> object:
+        tables.append([str(r["name"]) for r in rows])
+        return publish(study, output_dir, rows, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flows.study, "publish", spy)
+    run_study(study)  # trains s0, the first cell; s1 is finished
+    assert calls == ["r-low-s1", "r-low-s0"]
+    assert tables[0] == ["r-low-s0", "r-low-s1"]  # written just after s0 trained
+
+
 def test_only_naming_no_run_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(BASE | {"tracking": {"output_dir": str(tmp_path / "outputs")}}))
