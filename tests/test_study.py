@@ -286,12 +286,23 @@ def record_study(tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, lr: float 
                        axes={"lr": {"low": {"federation.learning_rate": lr}}})
 
 
-def test_a_fresh_clone_reads_finished_runs_back_from_their_committed_records(
+Recorded = tuple[StudyConfig, list[str]]  # the study, and the runs its fake training trained
+
+
+@pytest.fixture
+def recorded(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> Recorded:
+    """`record_study` with `fake_pipeline` for training, and the names of the runs it trains, in order."""
     calls: list[str] = []
     monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    return record_study(tiny_model_dir, raw_dir, tmp_path), calls
+
+
+def test_a_fresh_clone_reads_finished_runs_back_from_their_committed_records(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    study, calls = recorded
     first = run_study(study)
     record = json.loads((tmp_path / "results" / "runs" / "r" / "r-low-s1.json").read_text())
     assert record["config"]["federation"]["seed"] == 1 and record["history"][0]["val_accuracy"] == 0.7
@@ -300,11 +311,10 @@ def test_a_fresh_clone_reads_finished_runs_back_from_their_committed_records(
 
 
 def test_a_record_of_another_config_does_not_count(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+    recorded: Recorded, tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
 ) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    study, calls = recorded
+    run_study(study)
     shutil.rmtree(tmp_path / "outputs")
     run_study(record_study(tiny_model_dir, raw_dir, tmp_path, lr=0.02))  # the same cell names, edited
     assert calls == ["r-low-s0", "r-low-s1"] * 2
@@ -312,12 +322,8 @@ def test_a_record_of_another_config_does_not_count(
     assert record["config"]["federation"]["learning_rate"] == 0.02  # the new run replaced the stale record
 
 
-def test_ignoring_records_runs_the_recorded_cells_again(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+def test_ignoring_records_runs_the_recorded_cells_again(recorded: Recorded, tmp_path: Path) -> None:
+    study, calls = recorded
     run_study(study)
     shutil.rmtree(tmp_path / "outputs")
     assert run_study(study, run_missing=False, use_records=False)["rows"] == []
@@ -325,24 +331,18 @@ def test_ignoring_records_runs_the_recorded_cells_again(
     assert calls == ["r-low-s0", "r-low-s1"] * 2
 
 
-def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(recorded: Recorded) -> None:
+    study, calls = recorded
     assert [r["name"] for r in run_study(study, only=["*-s1"])["rows"]] == ["r-low-s1"] and calls == ["r-low-s1"]
     assert [r["name"] for r in run_study(study, only=["r-low-s0"])["rows"]] == ["r-low-s0", "r-low-s1"]
     assert calls == ["r-low-s1", "r-low-s0"]
 
 
 def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupted study's document keeps every row it had, not only those of the cells before the cut."""
-    calls: list[str] = []
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    study, calls = recorded
     run_study(study, only=["*-s1"])
     tables: list[list[str]] = []
 
@@ -416,11 +416,9 @@ def test_a_record_names_the_commit_the_study_started_on_not_later_edits_or_none_
 
 
 def test_a_cell_whose_files_do_not_read_is_listed_failed_and_the_others_still_count(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+    recorded: Recorded, tmp_path: Path
 ) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline(calls))
-    study = record_study(tiny_model_dir, raw_dir, tmp_path)
+    study, calls = recorded
     run_study(study)
     broken = tmp_path / "outputs" / "r-low-s0" / "training.json"
     broken.write_text('{"config": ')  # e.g. a disk that filled up outside atomic_write
