@@ -16,10 +16,10 @@ from dplora_core.model import init_lora_state
 from dplora_core.privacy.accountant import PrivacyLedger
 from dplora_core.privacy.canaries import canary_scores
 from dplora_core.privacy.mechanisms import noise_generator
-from dplora_core.train import DpSgdParams, round_learning_rate, train_local
+from dplora_core.train import DpSgdParams
 from tasks.data import partition_clients, prepare_data
 from tasks.runtime import label_ids_of, partition_path, split_path, workspace
-from tasks.training import check_delta, record_noise_multiplier
+from tasks.training import check_delta, record_noise_multiplier, train_round
 
 AUDITED_CLIENT = 0
 AUDIT_KEY = 2**32 - 2  # generator key of the audit's randomness, apart from any round, client or server key
@@ -66,12 +66,7 @@ def train_and_score(
         initial = init_lora_state(ws.model, seed=f.seed, init_a=cfg.lora.init_a)
         load_adapter_state(ws.model, initial, source="initial adapter")
         for round_num in range(1, f.rounds + 1):  # the client's schedule in the federation: rounds of local steps
-            result = train_local(
-                ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
-                learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
-                generator=generator, dp=dp, label_ids=label_ids if f.loss == "label_words" else None,
-                warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum,
-            )
+            result = train_round(cfg, ws, data, round_num, generator=generator, dp=dp)
             if ledger is not None and result.dp_run is not None:
                 ledger.record(result.dp_run)
         scores = canary_scores(ws.model, canaries, label_ids, pad_id=ws.pad_id, batch_size=cfg.evaluation.batch_size)

@@ -35,9 +35,17 @@ from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier,
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
 from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, ServerStep, Strategy
-from dplora_core.train import DpSgdParams, PaperDpParams, round_learning_rate, sample_rate, train_local
+from dplora_core.train import (
+    DpSgdParams,
+    LocalResult,
+    PaperDpParams,
+    round_learning_rate,
+    sample_rate,
+    train_local,
+)
 from tasks.runtime import (
     ZERO_SHOT_SCORES,
+    Workspace,
     client_data,
     client_prefix,
     client_sizes,
@@ -170,13 +178,7 @@ def local_update(
     start = from_bytes(global_model.adapter, source="global adapter")
     with ws.lock:
         load_adapter_state(ws.model, start, source="global adapter")
-        result = train_local(
-            ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
-            learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
-            generator=generator, dp=dp,
-            label_ids=label_ids_of(cfg) if f.loss == "label_words" else None, warmup_steps=f.warmup_steps,
-            optimizer=f.optimizer, momentum=f.momentum, prefix=prefix,
-        )
+        result = train_round(cfg, ws, data, round_num, generator=generator, dp=dp, prefix=prefix)
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
         state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
@@ -189,6 +191,21 @@ def local_update(
         ),
         # With any DP the raw training loss would be an unaccounted release of the client's records: not sent.
         train_loss=result.mean_loss if p.mode == "none" else None, dp_run=result.dp_run, base_dtype=ws.base_dtype,
+    )
+
+
+def train_round(
+    cfg: ExperimentConfig, ws: Workspace, data: Sequence[Encoded], round_num: int, *, generator: torch.Generator,
+    dp: DpSgdParams | PaperDpParams | None, prefix: FrozenPrefix | None = None,
+) -> LocalResult:
+    """One round of a client's schedule on the adapter loaded in ws.model: local_steps steps with a fresh
+    optimizer at the round's learning rate (warm-up and round_decay included). The caller holds ws.lock."""
+    f = cfg.federation
+    return train_local(
+        ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
+        learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
+        generator=generator, dp=dp, label_ids=label_ids_of(cfg) if f.loss == "label_words" else None,
+        warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum, prefix=prefix,
     )
 
 

@@ -161,6 +161,7 @@ def test_the_audit_trains_each_round_as_the_federation_would(
 ) -> None:
     """rounds x local_steps as `rounds` runs of local_steps, each at its round's rate (round_decay 0.5)."""
     import tasks.audit as audit
+    import tasks.training as training
     from dplora_core.train import LocalResult
 
     seen: list[tuple[int, float]] = []
@@ -169,7 +170,7 @@ def test_the_audit_trains_each_round_as_the_federation_would(
         seen.append((steps, learning_rate))
         return LocalResult(mean_loss=0.0, steps=steps, examples_seen=0, dp_run=None)
 
-    monkeypatch.setattr(audit, "train_local", record)
+    monkeypatch.setattr(training, "train_local", record)
     monkeypatch.setattr(audit, "canary_scores", lambda *args, **kwargs: torch.zeros(0))
     cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=3, federation__round_decay=0.5)
     audit.train_and_score.fn(cfg, "nodp", [], [], None)
