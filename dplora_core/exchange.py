@@ -51,14 +51,14 @@ def read_global(directory: Path, round_num: int) -> GlobalModel:
 
 def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
     """The silo's update: adapter first, then the record that names it (a reader never sees a half)."""
-    adapter = directory / f"client-{update.client_id}.safetensors"
+    adapter, record_path = update_paths(directory, update.client_id)
     atomic_write(adapter, update.adapter)
     record = {
         "client_id": update.client_id, "round": update.round, "num_examples": update.num_examples,
         "train_loss": update.train_loss, "dp_run": asdict(update.dp_run) if update.dp_run else None,
         "base_dtype": update.base_dtype, "sender": sender, "sha256": hashlib.sha256(update.adapter).hexdigest(),
     }
-    atomic_write(directory / f"client-{update.client_id}.json", json.dumps(record).encode())
+    atomic_write(record_path, json.dumps(record).encode())
     return adapter
 
 
@@ -81,7 +81,7 @@ def existing_update(directory: Path, client_id: int, round_num: int, *, max_byte
     Whichever silo run wrote it: the silo re-sends its own earlier release. A record that does not read, or
     does not match its adapter, is an AdapterError naming it, as in `read_update`.
     """
-    if not (directory / f"client-{client_id}.json").is_file():
+    if not update_paths(directory, client_id)[1].is_file():
         return None
     return _load_update(directory, client_id, round_num, max_bytes=max_bytes)[1]
 
@@ -99,14 +99,18 @@ def read_update(directory: Path, client_id: int, round_num: int, *, sender: str,
     return update
 
 
+def update_paths(directory: Path, client_id: int) -> tuple[Path, Path]:
+    """(adapter, record) files of client `client_id`'s update in a round folder."""
+    return directory / f"client-{client_id}.safetensors", directory / f"client-{client_id}.json"
+
+
 def _who(directory: Path, client_id: int, round_num: int) -> str:
-    return f"client {client_id} update, round {round_num} ({directory / f'client-{client_id}.json'})"
+    return f"client {client_id} update, round {round_num} ({update_paths(directory, client_id)[1]})"
 
 
 def _load_update(directory: Path, client_id: int, round_num: int, *, max_bytes: int) -> tuple[object, ClientUpdate]:
     """(the silo run its record names, the update), each file read once and checked against the other."""
-    record_path = directory / f"client-{client_id}.json"
-    adapter_path = directory / f"client-{client_id}.safetensors"
+    adapter_path, record_path = update_paths(directory, client_id)
     who = _who(directory, client_id, round_num)
     try:
         record = json.loads(_read_capped(record_path, MAX_RECORD_BYTES))
