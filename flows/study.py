@@ -11,6 +11,8 @@ A study with a `results_doc` also keeps one small JSON record per finished run b
 history and the git commit it ran at). The records are committed with the document, so a study too
 long for one sitting resumes from a fresh clone, where `outputs/` is empty, and every number in the
 document can be traced to the config that produced it. `--ignore-records` re-runs recorded cells.
+A cell that trains exactly what another study's recorded run trained (only the run names differ) is
+not trained twice: that record is copied into the study's folder, naming the run it was (`trained_as`).
 """
 
 from __future__ import annotations
@@ -121,14 +123,32 @@ def record_path(study: StudyConfig, cell: Cell) -> Path | None:
 
 
 def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
-    """The table row of a recorded run that trained exactly this cell's config, else None."""
+    """The table row of a recorded run that trained exactly this cell's config, else None. A run recorded by
+    another study that trained the same config under another name (its twin) counts too: it is copied into
+    this study's records, naming the run it was (`trained_as`), so that each study's folder stays whole."""
     path = record_path(study, cell)
-    if path is None or not path.is_file():
+    if path is None:
         return None
-    record: dict[str, Any] = read_json(path)
-    if not _same_config(record["config"], cell.config):
-        return None  # the study was edited since: the cell runs again and its new record replaces this one
+    record: dict[str, Any] | None = read_json(path) if path.is_file() else None
+    if record is None or not _same_config(record["config"], cell.config):
+        # missing, or the study was edited since: a twin's record, else the cell runs (its record replaces this)
+        if (record := twin_record(path.parent.parent, cell.config)) is None:
+            return None
+        record["row"] = {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
+        atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
     return {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
+
+
+def twin_record(runs_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """A record in another study's folder (`runs_dir/<study>/<run>.json`) of a run that trained what `cfg`
+    trains under another name (the name only names the run directory), as `cfg`'s own record, else None."""
+    for path in sorted(runs_dir.glob("*/*.json")):
+        other: dict[str, Any] = read_json(path)
+        name = other["config"].get("name")
+        if name != cfg.name and _same_config({**other["config"], "name": cfg.name}, cfg):
+            trained_as = other.get("trained_as", f"{path.parent.name}/{name}")
+            return {**other, "config": cfg.model_dump(mode="json"), "trained_as": trained_as}
+    return None
 
 
 def write_record(

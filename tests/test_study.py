@@ -331,6 +331,21 @@ def test_ignoring_records_runs_the_recorded_cells_again(recorded: Recorded, tmp_
     assert calls == ["r-low-s0", "r-low-s1"] * 2
 
 
+def test_a_run_another_study_recorded_with_the_same_config_is_reused_not_trained_again(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    study, calls = recorded
+    run_study(study, only=["*-s0"])
+    twin = study.model_copy(update={"name": "t", "axes": {"rate": {"same": {"federation.learning_rate": 0.01},
+                                                                    "other": {"federation.learning_rate": 0.02}}}})
+    rows = run_study(twin, only=["t-same-s0", "t-other-s0"])["rows"]
+    assert calls == ["r-low-s0", "t-other-s0"]  # t-same-s0 trains what r-low-s0 trained
+    assert [r["name"] for r in rows] == ["t-same-s0", "t-other-s0"]
+    copied = json.loads((tmp_path / "results" / "runs" / "t" / "t-same-s0.json").read_text())
+    assert copied["trained_as"] == "r/r-low-s0" and copied["config"]["name"] == "t-same-s0"
+    assert copied["row"]["name"] == "t-same-s0" and copied["row"]["levels"] == {"rate": "same"}
+
+
 def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(recorded: Recorded) -> None:
     study, calls = recorded
     assert [r["name"] for r in run_study(study, only=["*-s1"])["rows"]] == ["r-low-s1"] and calls == ["r-low-s1"]
