@@ -130,13 +130,15 @@ def recorded_row(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
     if path is None:
         return None
     record: dict[str, Any] | None = read_json(path) if path.is_file() else None
-    if record is None or not _same_config(record["config"], cell.config):
-        # missing, or the study was edited since: a twin's record, else the cell runs (its record replaces this)
-        if (record := twin_record(path.parent.parent, cell.config)) is None:
-            return None
-        record["row"] = {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
-        atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
-    return {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
+    copied = record is None or not _same_config(record["config"], cell.config)
+    if copied:  # missing, or the study was edited since: a twin's record, else the cell runs (its record replaces this)
+        record = twin_record(path.parent.parent, cell.config)
+    if record is None:
+        return None
+    row = {**record["row"], "name": cell.config.name, "levels": cell.levels, "seed": cell.seed}
+    if copied:
+        save_record(path, {**record, "row": row})
+    return row
 
 
 def twin_record(runs_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
@@ -144,7 +146,7 @@ def twin_record(runs_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     trains under another name (the name only names the run directory), as `cfg`'s own record, else None."""
     for path in sorted(runs_dir.glob("*/*.json")):
         other: dict[str, Any] = read_json(path)
-        name = other["config"].get("name")
+        name = other["config"]["name"]
         if name != cfg.name and _same_config({**other["config"], "name": cfg.name}, cfg):
             trained_as = other.get("trained_as", f"{path.parent.name}/{name}")
             return {**other, "config": cfg.model_dump(mode="json"), "trained_as": trained_as}
@@ -163,8 +165,12 @@ def write_record(
         old = json.loads(path.read_text(encoding="utf-8"))
         if old["row"] == row and _same_config(old["config"], cell.config):
             return
-    record = {"config": cell.config.model_dump(mode="json"), "row": row, "history": training["history"],
-              "commit": commit, "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    save_record(path, {"config": cell.config.model_dump(mode="json"), "row": row, "history": training["history"],
+                       "commit": commit, "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a run record as the committed records are written (indented JSON, atomically)."""
     atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
