@@ -32,6 +32,7 @@ class Checkpoint:
     round: int
     adapter: bytes  # safetensors
     state: dict[str, Any]
+    server_optimizer: bytes | None = None  # safetensors: the server optimizer's state (adam), if it has one
 
 
 def adapter_file(directory: Path, round_num: int) -> Path:
@@ -39,14 +40,21 @@ def adapter_file(directory: Path, round_num: int) -> Path:
     return directory / f"adapter-round-{round_num:04d}.safetensors"
 
 
-def save_checkpoint(directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any]) -> None:
-    """Write round `round_num`'s checkpoint, then drop the previous adapter file."""
+def save_checkpoint(
+    directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None
+) -> None:
+    """Write round `round_num`'s checkpoint (and the server optimizer's state, if any), then drop the previous
+    round's files."""
     directory.mkdir(parents=True, exist_ok=True)
     name = adapter_file(directory, round_num).name
     atomic_write(directory / name, adapter)
-    atomic_write(directory / STATE, json.dumps({"round": round_num, "adapter": name, **state}, indent=2).encode())
-    for old in directory.glob("adapter-round-*.safetensors"):
-        if old.name != name:
+    files = {"adapter": name}
+    if server_optimizer is not None:
+        files["server_optimizer"] = f"server-optimizer-round-{round_num:04d}.safetensors"
+        atomic_write(directory / files["server_optimizer"], server_optimizer)
+    atomic_write(directory / STATE, json.dumps({"round": round_num, **files, **state}, indent=2).encode())
+    for old in [*directory.glob("adapter-round-*.safetensors"), *directory.glob("server-optimizer-round-*")]:
+        if old.name not in files.values():
             old.unlink()
 
 
@@ -58,10 +66,12 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     try:
         state = json.loads(path.read_text())
         adapter = (directory / state["adapter"]).read_bytes()
+        optimizer = state.pop("server_optimizer", None)
+        server_optimizer = (directory / optimizer).read_bytes() if optimizer is not None else None
         round_num = int(state.pop("round"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    return Checkpoint(round=round_num, adapter=adapter, state=state)
+    return Checkpoint(round=round_num, adapter=adapter, state=state, server_optimizer=server_optimizer)
 
 
 def unfinished(directory: Path) -> str | None:

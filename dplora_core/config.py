@@ -78,12 +78,17 @@ class PrivacyConfig(_Strict):
     sample: record-level DP-SGD inside each client (Abadi et al. 2016), epsilon per client.
     client: client-level DP-FedAvg (McMahan et al. 2018): clients Poisson-sampled, updates
             clipped and noised by the server; epsilon for adding or removing a whole client.
+    distributed: record-level DP-SGD on the union of the clients' records, one step a round (distributed
+            DP): each client clips per-example gradients and adds its share N(0, sigma^2 C^2 / m) of the
+            noise, so the sum of the m uploads (m: the round's quorum) carries sigma. Epsilon per client for
+            the aggregate (the released adapters); the server, which sees each upload, gets only the
+            share's epsilon, reported next to it (secure aggregation would hide the uploads; not built).
     paper:  DP-LoRA Algorithm 1 as published (arXiv 2312.17493); its epsilon is the paper's
             per-iteration bound, not a certified record-level guarantee.
     none:   the non-private baseline.
     """
 
-    mode: Literal["none", "sample", "client", "paper"] = "sample"
+    mode: Literal["none", "sample", "client", "distributed", "paper"] = "sample"
     target_epsilon: float | None = Field(
         8.0,
         gt=0,
@@ -156,8 +161,12 @@ class FederationConfig(_Strict):
         "later rounds settle instead of walking as far as the first.",
     )
     server_learning_rate: float = Field(
-        1.0, gt=0, description="Server step on the aggregated update (FedOpt, server SGD); 1: plain FedAvg. "
-        "Post-processing: it changes no privacy guarantee.",
+        1.0, gt=0, description="Server step on the aggregated update (FedOpt); with server_optimizer sgd, 1 is plain "
+        "FedAvg. Post-processing: it changes no privacy guarantee.",
+    )
+    server_optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="The server's step on the aggregated update: sgd (x + eta (mean - x)) or adam (FedAdam, "
+        "Reddi et al. 2021: moments kept across rounds and in checkpoints). Post-processing.",
     )
     loss: Literal["label_words", "lm"] = Field(
         "label_words",
@@ -349,6 +358,29 @@ class ExperimentConfig(_Strict):
                 f"federation.microbatch_size ({self.federation.microbatch_size}) must be <= "
                 f"federation.batch_size ({self.federation.batch_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_uploads_add_up(self) -> ExperimentConfig:
+        """Mode distributed: the server's sum of the uploads must be the noised sum of one DP-SGD step, so
+        each upload must be linear in its client's noised gradient sum: one plain SGD step, sent as is."""
+        f = self.federation
+        if self.privacy.mode != "distributed":
+            return self
+        wrong = {
+            "federation.local_steps": (f.local_steps, 1),
+            "federation.optimizer": (f.optimizer, "sgd"),
+            "federation.momentum": (f.momentum, 0.0),
+            "federation.warmup_steps": (f.warmup_steps, 0),
+            "federation.upload_codec": (f.upload_codec, "float32"),
+        }
+        for name, (value, needed) in wrong.items():
+            if value != needed:
+                raise ValueError(
+                    f"{name} is {value!r}; privacy.mode distributed needs {needed!r} (each client's upload must "
+                    "be one plain SGD step on its noised gradient sum, sent as is, so that the uploads add up "
+                    "to one DP-SGD step with the whole noise)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from dplora_core.adapters import AdapterState
+from dplora_core.adapters import AdapterState, from_bytes, to_bytes
 from dplora_core.privacy import client_level as CL
 from dplora_core.privacy.mechanisms import add_gaussian_noise
 
@@ -57,6 +57,71 @@ class ServerStep:
     ) -> AdapterState:
         merged = self.inner.aggregate(current, states, weights)
         return {k: current[k].float() + self.learning_rate * (merged[k].float() - current[k].float()) for k in merged}
+
+
+@dataclass
+class ServerAdam:
+    """Adam on the server around any strategy: FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization",
+    Alg. 2, with Adam's bias correction), on the pseudo-gradient -(inner(x) - x).
+
+    Its moments persist across rounds (`state`, kept in every checkpoint), where a client's local optimizer
+    restarts every round. It acts only on what the inner strategy released: post-processing, so any DP
+    guarantee of the clients' updates holds.
+    """
+
+    inner: Strategy
+    learning_rate: float  # eta
+    state: AdamState
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def aggregate(
+        self, current: AdapterState, states: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState:
+        merged = self.inner.aggregate(current, states, weights)
+        delta = {k: merged[k].float() - current[k].float() for k in merged}  # -pseudo-gradient, per tensor
+        self.state = adam_moments(self.state, delta, betas=self.betas)
+        step = adam_direction(self.state, betas=self.betas, eps=self.eps)
+        return {k: current[k].float() + self.learning_rate * step[k] for k in merged}
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """Adam's moments of the server's updates: m, v per adapter tensor, and the step count t."""
+
+    m: AdapterState
+    v: AdapterState
+    t: int = 0
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"m.{k}": x for k, x in self.m.items()} | {f"v.{k}": x for k, x in self.v.items()}
+        return to_bytes(tensors | {"t": torch.tensor(self.t)})
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, source: str) -> AdamState:
+        tensors = from_bytes(payload, source=source)
+        if "t" not in tensors or tensors.keys() - {"t"} != {f"{p}.{k[2:]}" for k in tensors if k != "t" for p in "mv"}:
+            raise ValueError(f"{source}: not a server Adam state (needs t and an m and a v for each tensor)")
+        return cls(
+            m={k[2:]: x for k, x in tensors.items() if k.startswith("m.")},
+            v={k[2:]: x for k, x in tensors.items() if k.startswith("v.")},
+            t=int(tensors["t"]),
+        )
+
+
+def adam_moments(state: AdamState, delta: AdapterState, *, betas: tuple[float, float]) -> AdamState:
+    """m <- b1 m + (1 - b1) delta, v <- b2 v + (1 - b2) delta^2 (zeros before the first step), t <- t + 1."""
+    b1, b2 = betas
+    m = {k: b1 * state.m.get(k, torch.zeros_like(d)) + (1 - b1) * d for k, d in delta.items()}
+    v = {k: b2 * state.v.get(k, torch.zeros_like(d)) + (1 - b2) * d * d for k, d in delta.items()}
+    return AdamState(m=m, v=v, t=state.t + 1)
+
+
+def adam_direction(state: AdamState, *, betas: tuple[float, float], eps: float) -> AdapterState:
+    """The bias-corrected step m_hat / (sqrt(v_hat) + eps) (Kingma and Ba 2015, Alg. 1): sign(delta) at t = 1."""
+    b1, b2 = betas
+    c1, c2 = 1 - b1**state.t, 1 - b2**state.t
+    return {k: (state.m[k] / c1) / ((state.v[k] / c2).sqrt() + eps) for k in state.m}
 
 
 @dataclass

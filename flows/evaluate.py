@@ -35,7 +35,7 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
     metrics = {
         "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority},
-        "privacy": {k: v for k, v in training["privacy"].items() if k != "ledgers"},
+        "privacy": {k: v for k, v in training["privacy"].items() if k not in ("ledgers", "server_view_ledgers")},
         "bytes": training["bytes"],
         "rounds": training["rounds"],
         "stopped_by_budget_guard": training["stopped_by_budget_guard"],

@@ -56,6 +56,7 @@ from tasks.training import (
     full_model_bytes,
     init_adapter,
     plan_noise,
+    quorum,
     sample_round_clients,
     screen_updates,
     train_client,
@@ -74,6 +75,9 @@ class RunState:
     clip_norm: float  # mode client: the (possibly adaptive) clip norm of the next round
     mlflow_run_id: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    # mode distributed: what the server, which sees each upload with its noise share only, can learn (per client)
+    server_view: dict[str, PrivacyLedger] = field(default_factory=dict)
+    server_optimizer: bytes | None = None  # the server optimizer's state for the next round (adam), safetensors
     bytes_up: int = 0
     bytes_down: int = 0
     client_rounds: int = 0  # client participations, for the full-model exchange comparison
@@ -81,8 +85,9 @@ class RunState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "plan": {"clients": self.plan.clients, "server": self.plan.server},
+            "plan": {"clients": self.plan.clients, "server": self.plan.server, "aggregate": self.plan.aggregate},
             "ledgers": {k: ledger.state_dict() for k, ledger in self.ledgers.items()},
+            "server_view_ledgers": {k: ledger.state_dict() for k, ledger in self.server_view.items()},
             "clip_norm": self.clip_norm,
             "mlflow_run_id": self.mlflow_run_id,
             "history": self.history,
@@ -93,8 +98,11 @@ class RunState:
         }
 
     @classmethod
-    def from_json(cls, round_num: int, adapter: bytes, state: dict[str, Any]) -> RunState:
-        plan = NoisePlan({int(k): v for k, v in state["plan"]["clients"].items()}, state["plan"]["server"])
+    def from_json(
+        cls, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None
+    ) -> RunState:
+        saved = state["plan"]
+        plan = NoisePlan({int(k): v for k, v in saved["clients"].items()}, saved["server"], saved.get("aggregate"))
         return cls(
             global_model=GlobalModel(round=round_num, adapter=adapter),
             plan=plan,
@@ -106,6 +114,8 @@ class RunState:
             bytes_down=state["bytes_down"],
             client_rounds=state["client_rounds"],
             train_seconds=state["train_seconds"],
+            server_view={k: PrivacyLedger.from_state_dict(v) for k, v in state.get("server_view_ledgers", {}).items()},
+            server_optimizer=server_optimizer,
         )
 
 
@@ -114,7 +124,8 @@ def ledger_kind(cfg: ExperimentConfig) -> LedgerKind:
 
 
 def new_ledgers(cfg: ExperimentConfig) -> dict[str, PrivacyLedger]:
-    """One ledger per client's records (sample, paper), one for the client population (client), none (none)."""
+    """One ledger per client's records (sample, distributed, paper), one for the client population (client),
+    none (none)."""
     mode, kind = cfg.privacy.mode, ledger_kind(cfg)
     if mode == "none":
         return {}
@@ -123,16 +134,40 @@ def new_ledgers(cfg: ExperimentConfig) -> dict[str, PrivacyLedger]:
     return {str(k): PrivacyLedger(kind=kind) for k in range(cfg.federation.num_clients)}
 
 
+def new_server_view(cfg: ExperimentConfig) -> dict[str, PrivacyLedger]:
+    """Mode distributed: one ledger per client's records as the server sees them (each upload alone)."""
+    if cfg.privacy.mode != "distributed":
+        return {}
+    return {str(k): PrivacyLedger(kind=ledger_kind(cfg)) for k in range(cfg.federation.num_clients)}
+
+
 def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -> dict[str, DpSgdRun]:
-    """What the coming round releases, per ledger: the accountant's events, before anything runs."""
+    """What the coming round releases, per ledger: the accountant's events, before anything runs.
+    Mode distributed: the sum of the uploads, at the sigma a quorum's noise shares add up to."""
     p, f = cfg.privacy, cfg.federation
     if p.mode == "none":
         return {}
     if p.mode == "client":
         assert plan.server is not None
         return {POPULATION: DpSgdRun(client_sample_rate(cfg), plan.server, 1)}
-    sizes = client_sizes(cfg)
-    return {str(k): DpSgdRun(sample_rate(f.batch_size, sizes[k]), plan.clients[k], f.local_steps) for k in clients}
+    if p.mode == "distributed":
+        assert plan.aggregate is not None
+        return {str(k): DpSgdRun(client_rate(cfg, k), plan.aggregate, 1) for k in clients}
+    return {str(k): DpSgdRun(client_rate(cfg, k), plan.clients[k], f.local_steps) for k in clients}
+
+
+def planned_uploads(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -> dict[int, DpSgdRun]:
+    """What each client's own upload releases, as it reports it (modes sample, distributed, paper); mode
+    distributed: at its noise share, the server's view."""
+    f = cfg.federation
+    if cfg.privacy.mode in ("none", "client"):
+        return {}
+    return {k: DpSgdRun(client_rate(cfg, k), plan.clients[k], f.local_steps) for k in clients}
+
+
+def client_rate(cfg: ExperimentConfig, k: int) -> float:
+    """Client k's Poisson rate over its records, q = batch_size / n_k."""
+    return sample_rate(cfg.federation.batch_size, client_sizes(cfg)[k])
 
 
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
@@ -184,7 +219,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         p = cfg.privacy
         run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy",
                       "dplora.base_dtype": base_dtype(cfg)})
-        state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id)
+        state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id, server_view=new_server_view(cfg))
         log_label_histograms(cfg, run)
         return state, run
     changed = checkpoint_config_changes(cfg, checkpoint)
@@ -193,7 +228,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
             f"{directory}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
         )
     try:
-        state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state)
+        state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state, checkpoint.server_optimizer)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{directory}: cannot resume, its run state is incomplete or malformed "
@@ -205,6 +240,8 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         # a second release. Charge the first one. (With a fixed seed the re-run repeats the same release.)
         for key, event in pending["events"].items():
             state.ledgers[key].record(DpSgdRun(**event))
+        for key, event in pending.get("uploads", {}).items():  # mode distributed: the server saw them too
+            state.server_view[key].record(DpSgdRun(**event))
         get_run_logger().warning(
             "round %d was interrupted after it may have released client updates: its privacy cost is charged, "
             "and the round runs again with fresh noise",
@@ -270,12 +307,17 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 log.warning(stopped)
                 break
             checkpoint = cfg.run_dir / "checkpoint"
-            pending = {"round": r, "events": {k: asdict(run) for k, run in events.items()}}
+            pending = {
+                "round": r, "events": {k: asdict(run) for k, run in events.items()},
+                **({"uploads": {str(k): asdict(run) for k, run in planned_uploads(cfg, state.plan, clients).items()}}
+                   if state.server_view else {}),
+            }
             save_checkpoint(  # write-ahead: a crash from here on charges this round on resume
                 checkpoint,
                 round_num=state.global_model.round,
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat(), "pending": pending},
+                server_optimizer=state.server_optimizer,
             )
             run_round(cfg, state, r, clients, events)
             state.train_seconds += time.monotonic() - start
@@ -284,6 +326,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 round_num=r,
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat()},
+                server_optimizer=state.server_optimizer,
             )
             row = track_round(state, run, adapter_file(checkpoint, r))
             rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
@@ -335,7 +378,11 @@ def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
         if p.target_epsilon is not None
         else f"no epsilon cap ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
     )
-    return f"budget {budget} after {cfg.federation.rounds} round(s); noise multiplier {', '.join(map(str, sigmas))}"
+    noise = f"noise multiplier {', '.join(map(str, sigmas))}"
+    if plan.aggregate is not None:  # mode distributed
+        noise = (f"noise multiplier {plan.aggregate:.4f} for the sum of {quorum(cfg)} uploads, "
+                 f"{max(plan.clients.values()):.4f} in each client's share")
+    return f"budget {budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
 def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:
@@ -355,18 +402,27 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
     """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
-    planned = {int(k): run for k, run in events.items() if k != POPULATION}
+    planned = planned_uploads(cfg, state.plan, clients)
     updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, planned)
     if p.mode == "client":
         assert state.plan.server is not None
-        new_model, state.clip_norm = aggregate_private(cfg, global_model, updates, state.plan.server, state.clip_norm)
+        new_model, state.clip_norm, state.server_optimizer = aggregate_private(
+            cfg, global_model, updates, state.plan.server, state.clip_norm, state.server_optimizer
+        )
     else:
-        new_model = aggregate(cfg, global_model, updates)
-    for key, run in events.items():  # spent once the round's release exists (a failed client released nothing)
-        if p.mode == "client" or int(key) in released:
+        new_model, state.server_optimizer = aggregate(cfg, global_model, updates, state.server_optimizer)
+    # Spent once the round's release exists (a failed client released nothing). Mode distributed: a client's
+    # records are in the sum only if its update was aggregated; the server saw every upload sent, rejected too.
+    in_release = {u.client_id for u in updates} if p.mode == "distributed" else released
+    for key, run in events.items():
+        if p.mode == "client" or int(key) in in_release:
             state.ledgers[key].record(run)
+    for k, run in planned.items():
+        if str(k) in state.server_view and k in released:
+            state.server_view[str(k)].record(run)
     val = evaluate(cfg, new_model.adapter, "validation")
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
+    _, server_view = spent_epsilon(cfg, state.server_view)
     round_down = len(global_model.adapter) * len(clients)
     round_up = sum(len(u.adapter) for u in updates)
     state.bytes_down += round_down
@@ -388,16 +444,20 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
             "clip_norm": state.clip_norm if p.mode == "client" else None,
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
-            "per_client": None if private else per_client_numbers(updates, per_ledger, charged=released),
+            "server_view_epsilon": max(server_view.values()) if server_view else None,
+            "per_client": None if private else per_client_numbers(updates, per_ledger, charged=released,
+                                                                   server_view=server_view),
             "base_dtypes": None if private else sorted({u.base_dtype for u in updates}),
         }
     )
 
 
 def per_client_numbers(
-    updates: list[ClientUpdate], epsilons: dict[str, float], *, charged: set[int]
+    updates: list[ClientUpdate], epsilons: dict[str, float], *, charged: set[int],
+    server_view: dict[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Each aggregated client's bytes up and records, and each charged client's epsilon so far, for MLflow.
+    """Each aggregated client's bytes up and records, and each charged client's epsilon so far (mode
+    distributed: and the server's view of it), for MLflow.
 
     A client whose update was sent but rejected is charged for it, so it is listed with its epsilon alone.
     """
@@ -407,6 +467,8 @@ def per_client_numbers(
     for k in map(str, sorted(charged)):  # every aggregated client was charged too
         if k in epsilons:
             numbers.setdefault(k, {})["epsilon"] = epsilons[k]
+        if server_view and k in server_view:
+            numbers.setdefault(k, {})["server_view_epsilon"] = server_view[k]
     return numbers
 
 
@@ -481,8 +543,10 @@ def write_outputs(
     """adapter.safetensors and training.json in the run directory, and both in MLflow."""
     p = cfg.privacy
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
+    server_epsilon, per_client_server_view = spent_epsilon(cfg, state.server_view)
     guarantee = describe_guarantee(
-        mode=p.mode, epsilon=epsilon, delta=p.delta, kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None
+        mode=p.mode, epsilon=epsilon, delta=p.delta, kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None,
+        server_epsilon=server_epsilon if state.server_view else None,
     )
     dtypes = client_base_dtypes(cfg, state.history)
     out = cfg.run_dir
@@ -505,6 +569,15 @@ def write_outputs(
             "per_client_epsilon": {k: v for k, v in per_ledger.items() if k != POPULATION},
             "guarantee": guarantee,
             "ledgers": {k: ledger.state_dict() for k, ledger in state.ledgers.items()},
+            **(
+                {
+                    "server_view_epsilon": server_epsilon,
+                    "per_client_server_view_epsilon": per_client_server_view,
+                    "server_view_ledgers": {k: ledger.state_dict() for k, ledger in state.server_view.items()},
+                }
+                if state.server_view
+                else {}
+            ),
         },
         "bytes": {
             "adapter": len(state.global_model.adapter),

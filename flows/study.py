@@ -107,6 +107,8 @@ def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) ->
         "privacy_mode": priv["mode"],
         "accountant": priv["accountant"] if priv["mode"] != "none" else None,
         "guarantee": priv["guarantee"],
+        # mode distributed: what the server, which sees each upload with its noise share only, gets (else absent)
+        **({"server_view_epsilon": priv["server_view_epsilon"]} if "server_view_epsilon" in priv else {}),
         # mode client keeps participation on the server, so per-upload bytes are not in its outputs
         "upload_bytes_per_client_round": b["up"] / uploads if b.get("up") is not None and uploads else None,
         "train_seconds": metrics["train_seconds"],
@@ -317,6 +319,8 @@ def results_table(results: dict[str, Any]) -> str:
         eps = "∞ (no DP)" if r["privacy_mode"] == "none" else (
             f"{fmt(s['epsilon'], 2)} ({SHORT_RELATIONS[r['privacy_mode']]}, {r['accountant']}, δ={r['delta']:g})"
         )
+        if r.get("server_view_epsilon") is not None:  # mode distributed
+            eps += f"; each upload, as the server sees it: {r['server_view_epsilon']:.2f}"
         up = "-" if s["upload_bytes_per_client_round"] is None else f"{s['upload_bytes_per_client_round'][0]:,.0f}"
         lines.append("| " + " | ".join([
             *s["levels"].values(), str(s["n"]), fmt(s["val_accuracy"]), fmt(s["val_loss"]),

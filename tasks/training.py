@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,15 @@ from dplora_core.prefix import FrozenPrefix
 from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier, paper_noise_multiplier
 from dplora_core.privacy.client_level import update_noise_multiplier
 from dplora_core.privacy.mechanisms import add_gaussian_noise, noise_generator, poisson_sample
-from dplora_core.strategy import AdaptiveClipping, DpFedAvgServerSide, FedAvg, ServerStep, Strategy
+from dplora_core.strategy import (
+    AdamState,
+    AdaptiveClipping,
+    DpFedAvgServerSide,
+    FedAvg,
+    ServerAdam,
+    ServerStep,
+    Strategy,
+)
 from dplora_core.train import (
     DpSgdParams,
     LocalResult,
@@ -66,8 +75,10 @@ SERVER_KEY = 2**32 - 1
 class NoisePlan:
     """The noise multipliers of a run, fixed before round 1 and kept in every checkpoint."""
 
-    clients: dict[int, float] = field(default_factory=dict)  # sigma per client (modes sample, paper)
+    # sigma per client (modes sample, paper); mode distributed: each client's share, sigma / sqrt(quorum)
+    clients: dict[int, float] = field(default_factory=dict)
     server: float | None = None  # z of one DP-FedAvg round, adaptive count included (mode client)
+    aggregate: float | None = None  # mode distributed: sigma of the sum of a quorum's uploads
 
 
 def client_sample_rate(cfg: ExperimentConfig) -> float:
@@ -97,6 +108,8 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
     sizes = client_sizes(cfg)
     for k, n in enumerate(sizes):
         check_delta(p.delta, n, f"client {k}")
+    if p.mode == "distributed":
+        return distributed_noise_plan(cfg, sizes)
     if p.noise_multiplier is not None:
         return NoisePlan(clients={k: p.noise_multiplier for k in range(len(sizes))})
     assert p.target_epsilon is not None
@@ -104,6 +117,27 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
         sigma = paper_noise_multiplier(target_epsilon=p.target_epsilon, delta=p.delta)
         return NoisePlan(clients={k: sigma for k in range(len(sizes))})
     return NoisePlan(clients={k: record_noise_multiplier(cfg, n) for k, n in enumerate(sizes)})
+
+
+def quorum(cfg: ExperimentConfig) -> int:
+    """The fewest clients whose updates make a round: federation.min_clients, else every sampled client."""
+    return cfg.federation.min_clients or cfg.federation.clients_per_round
+
+
+def distributed_noise_plan(cfg: ExperimentConfig, sizes: Sequence[int]) -> NoisePlan:
+    """Mode distributed: sigma for the sum of a quorum's uploads (privacy.noise_multiplier, or calibrated for the
+    client that needs the most: one step a round), and each client's share sigma / sqrt(quorum), so that any
+    quorum's shares add up to at least sigma."""
+    f = cfg.federation
+    for k, n in enumerate(sizes):
+        if n < f.batch_size:  # q = 1 would shrink this client's expected batch and weigh its records more
+            raise ValueError(
+                f"client {k} has {n} training records, fewer than federation.batch_size ({f.batch_size}): "
+                "privacy.mode distributed needs every client's expected batch to be batch_size"
+            )
+    sigma = max(record_noise_multiplier(cfg, n) for n in sizes)
+    share = sigma / math.sqrt(quorum(cfg))
+    return NoisePlan(clients={k: share for k in range(len(sizes))}, aggregate=sigma)
 
 
 def record_noise_multiplier(cfg: ExperimentConfig, n: int) -> float:
@@ -167,7 +201,7 @@ def local_update(
     f, p = cfg.federation, cfg.privacy
     device = next(ws.model.parameters()).device
     dp: DpSgdParams | PaperDpParams | None = None
-    if p.mode == "sample":
+    if p.mode in ("sample", "distributed"):  # distributed: noise_multiplier is this client's share
         assert noise_multiplier is not None
         dp = DpSgdParams(noise_multiplier, p.max_grad_norm, sample_rate(f.batch_size, len(data)))
     elif p.mode == "paper":
@@ -255,7 +289,7 @@ def screen_updates(
                     f"client {u.client_id} update, round {u.round}: reports {u.num_examples} training records, "
                     f"its known size is {sizes[u.client_id]}"
                 )
-            if cfg.privacy.mode in ("sample", "paper") and u.dp_run != planned.get(u.client_id):
+            if cfg.privacy.mode in ("sample", "distributed", "paper") and u.dp_run != planned.get(u.client_id):
                 raise AdapterError(
                     f"client {u.client_id} update, round {u.round}: reported DP run {u.dp_run}, "
                     f"planned {planned.get(u.client_id)}"
@@ -269,30 +303,45 @@ def screen_updates(
 
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(
-    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], strategy: Strategy | None = None
-) -> GlobalModel:
-    """Check each client's adapter, then combine them with the strategy (FedAvg by default).
+    cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], server_state: bytes | None = None
+) -> tuple[GlobalModel, bytes | None]:
+    """Check each client's adapter, combine them by FedAvg and take the server's step; (model, server state).
 
-    FedAvg weighs clients by their number of records; mode `paper` uses equal weights 1/K, as published.
+    FedAvg weighs clients by their number of records. Mode `paper` uses equal weights 1/K, as published; so does
+    mode `distributed`, where the mean of the uploads is the noised mean gradient of the union of the batches.
+    server_state: the server optimizer's state from the previous round (adam; None: fresh or none).
     """
     current, reference, states = _checked_states(cfg, global_model, updates)
-    weights = [1.0] * len(updates) if cfg.privacy.mode == "paper" else [float(u.num_examples) for u in updates]
-    merged = with_server_step(cfg, strategy or FedAvg()).aggregate(reference, states, weights)
-    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
+    equal = cfg.privacy.mode in ("paper", "distributed")
+    weights = [1.0] * len(updates) if equal else [float(u.num_examples) for u in updates]
+    strategy = with_server_step(cfg, FedAvg(), server_state)
+    merged = strategy.aggregate(reference, states, weights)
+    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), server_state_of(strategy)
 
 
-def with_server_step(cfg: ExperimentConfig, inner: Strategy) -> Strategy:
-    """`inner` behind federation.server_learning_rate (left out at 1, so plain FedAvg stays exact)."""
-    eta = cfg.federation.server_learning_rate
-    return inner if eta == 1 else ServerStep(inner, eta)
+def with_server_step(cfg: ExperimentConfig, inner: Strategy, server_state: bytes | None = None) -> Strategy:
+    """`inner` behind the server's optimizer: sgd at federation.server_learning_rate (left out at 1, so plain
+    FedAvg stays exact), or adam resuming from `server_state`."""
+    f = cfg.federation
+    if f.server_optimizer == "adam":
+        state = AdamState(m={}, v={}) if server_state is None else AdamState.from_bytes(
+            server_state, source="the checkpoint's server optimizer state"
+        )
+        return ServerAdam(inner, f.server_learning_rate, state)
+    return inner if f.server_learning_rate == 1 else ServerStep(inner, f.server_learning_rate)
+
+
+def server_state_of(strategy: Strategy) -> bytes | None:
+    """What the server optimizer carries to the next round (adam's moments), or None."""
+    return strategy.state.to_bytes() if isinstance(strategy, ServerAdam) else None
 
 
 @task(name="aggregate-dp", cache_policy=NO_CACHE)
 def aggregate_private(
     cfg: ExperimentConfig, global_model: GlobalModel, updates: Sequence[ClientUpdate], noise_multiplier: float,
-    clip_norm: float,
-) -> tuple[GlobalModel, float]:
-    """Client-level DP-FedAvg on the server: clip each update, add noise; return the model and the next clip norm."""
+    clip_norm: float, server_state: bytes | None = None,
+) -> tuple[GlobalModel, float, bytes | None]:
+    """Client-level DP-FedAvg on the server: clip each update, add noise; (model, next clip norm, server state)."""
     p = cfg.privacy
     current, reference, states = _checked_states(cfg, global_model, updates)
     expected = float(cfg.federation.clients_per_round)
@@ -307,8 +356,10 @@ def aggregate_private(
         generator=noise_generator(p.noise_seed, global_model.round + 1, SERVER_KEY, 1, device=torch.device("cpu")),
         adaptive=adaptive,
     )
-    merged = with_server_step(cfg, dp_fedavg).aggregate(reference, states, [1.0] * len(states))
-    return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), dp_fedavg.clip_norm
+    strategy = with_server_step(cfg, dp_fedavg, server_state)
+    merged = strategy.aggregate(reference, states, [1.0] * len(states))
+    model = GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
+    return model, dp_fedavg.clip_norm, server_state_of(strategy)
 
 
 def count_stddev(cfg: ExperimentConfig) -> float:

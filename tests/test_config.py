@@ -81,6 +81,25 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ({"federation": {"exchange_dir": "x"}}, "federation", "exchange_dir is for cross-silo runs"),
         ({"federation": {"momentum": 0.9}}, "federation", "momentum (0.9) is for federation.optimizer sgd, not adamw"),
         ({"federation": {"optimizer": "lion"}}, "federation.optimizer", "Input should be"),
+        ({"federation": {"server_optimizer": "lamb"}}, "federation.server_optimizer", "Input should be"),
+        (
+            {"privacy": {"mode": "distributed"}, "federation": {"optimizer": "sgd"}},
+            "federation.local_steps is 4", "privacy.mode distributed needs 1",
+        ),
+        (
+            {"privacy": {"mode": "distributed"}, "federation": {"local_steps": 1}},
+            "federation.optimizer is 'adamw'", "needs 'sgd'",
+        ),
+        (
+            {"privacy": {"mode": "distributed"},
+             "federation": {"local_steps": 1, "optimizer": "sgd", "warmup_steps": 2}},
+            "federation.warmup_steps is 2", "needs 0",
+        ),
+        (
+            {"privacy": {"mode": "distributed"},
+             "federation": {"local_steps": 1, "optimizer": "sgd", "upload_codec": "int8"}},
+            "federation.upload_codec is 'int8'", "the uploads add up",
+        ),
         (
             {"privacy": {"mode": "client"}, "federation": {"min_clients": 2}},
             "federation.min_clients is not for privacy.mode client", "a failed client adds zero",

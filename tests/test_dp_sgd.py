@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dplora_core.adapters import load_adapter_state
+from dplora_core.adapters import adapter_state, load_adapter_state
 from dplora_core.batching import by_length, collate, encode, label_token_ids
 from dplora_core.config import LoraConfig, ModelConfig
 from dplora_core.data import TASKS, Example
@@ -13,6 +13,7 @@ from dplora_core.model import attach_lora, init_lora_state, load_base_model
 from dplora_core.privacy import mechanisms as M
 from dplora_core.privacy.accountant import DpSgdRun
 from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
+from dplora_core.strategy import FedAvg
 from dplora_core.train import (
     DpSgdParams,
     PaperDpParams,
@@ -346,3 +347,28 @@ def test_noise_generator_keys_of_different_length_never_collide() -> None:
     short = torch.rand(4, generator=M.noise_generator(7, 1, 2, device=cpu))
     padded = torch.rand(4, generator=M.noise_generator(7, 1, 2, 0, device=cpu))
     assert not torch.equal(short, padded)
+
+
+def test_distributed_uploads_without_noise_or_clipping_average_to_one_plain_step_on_the_union(
+    tiny_model_dir: Path,
+) -> None:
+    """Mode distributed: each client's one SGD step (q = 1, sigma = 0, C = inf), averaged with equal weights,
+    is one plain SGD step on the union of the clients' records: the sum the noise shares protect."""
+    model, tok, data = setup(tiny_model_dir)
+    start = adapter_state(model)
+    shards = [data[:3], data[3:]]
+    uploads = []
+    for shard in shards:
+        load_adapter_state(model, start, source="test")
+        train_local(model, shard, steps=1, batch_size=len(shard), microbatch_size=2, learning_rate=1.0,
+                    pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                    dp=DpSgdParams(0.0, float("inf"), 1.0), optimizer="sgd")
+        uploads.append(adapter_state(model))
+    merged = FedAvg().aggregate(start, uploads, [1.0, 1.0])
+    load_adapter_state(model, start, source="test")
+    train_local(model, data, steps=1, batch_size=len(data), microbatch_size=2, learning_rate=1.0,
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), dp=None, optimizer="sgd")
+    union = adapter_state(model)
+    assert any(not torch.equal(union[k], start[k]) for k in union)  # the step moved the adapter
+    for k in union:
+        torch.testing.assert_close(merged[k], union[k], atol=1e-6, rtol=1e-5)

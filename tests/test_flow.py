@@ -185,7 +185,7 @@ def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
                      adapter=to_bytes({k: torch.full_like(state[k], value) for k in b_keys}))
         for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
     ]
-    merged = from_bytes(aggregate.fn(ffa, global_model, updates).adapter, source="test")
+    merged = from_bytes(aggregate.fn(ffa, global_model, updates)[0].adapter, source="test")
     assert set(merged) == set(state)
     for key, value in merged.items():
         expected = state[key] if ".lora_A." in key else torch.full_like(value, (1 * 1.0 + 3 * 5.0) / 4)

@@ -12,6 +12,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from dplora_core.checkpoint import CheckpointError, load_checkpoint
 from dplora_core.data import partition_iid
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
+from dplora_core.strategy import AdamState
 from flows.federated import federated_finetune
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
@@ -215,3 +216,50 @@ def test_a_fresh_run_moves_an_unfinished_checkpoint_aside_instead_of_writing_ove
     assert kept is not None and kept.state == interrupted.state and kept.adapter == interrupted.adapter
     finished = load_checkpoint(cfg.run_dir / "checkpoint")
     assert finished is not None and finished.round == 2 and "pending" not in finished.state
+
+
+def distributed_config(tiny_model_dir: Path, tmp: Path, raw_dir: Path, **overrides):
+    return tiny_config(
+        tiny_model_dir, tmp, raw_dir, privacy__mode="distributed", federation__local_steps=1,
+        federation__optimizer="sgd", federation__learning_rate=1.0, federation__server_optimizer="adam",
+        federation__server_learning_rate=0.01, **overrides,
+    )
+
+
+def test_distributed_mode_reports_the_released_adapters_and_the_servers_epsilons(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """The sum of 2 uploads carries sigma (calibrated to epsilon 8 over 2 one-step rounds); the server, which
+    sees each upload, only sigma / sqrt(2); both epsilons pinned to Opacus."""
+    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir)
+    metrics = dplora_pipeline(cfg)
+    priv = metrics["privacy"]
+    sigma = priv["noise_multipliers"]["aggregate"]
+    share = pytest.approx(sigma / 2**0.5)
+    assert priv["noise_multipliers"]["clients"] == {"0": share, "1": share}
+    q, delta = 8 / min(len(s) for s in partition_iid(48, 2, seed=0)), cfg.privacy.delta
+    assert priv["epsilon"] == pytest.approx(opacus_epsilon(q, sigma, 2, delta), rel=1e-3)
+    assert priv["epsilon"] == pytest.approx(8.0, rel=1e-3) and priv["epsilon"] <= 8.0
+    server = opacus_epsilon(q, sigma / 2**0.5, 2, delta)
+    assert priv["server_view_epsilon"] == pytest.approx(server, rel=1e-3) and server > 8.0
+    assert "everyone who sees only the sum of the clients' uploads" in priv["guarantee"]
+    assert f"against the server, which sees each client's upload with its share of the noise only: epsilon = " \
+           f"{priv['server_view_epsilon']:.3f}" in priv["guarantee"]
+    checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
+    assert checkpoint is not None and checkpoint.server_optimizer is not None
+    assert AdamState.from_bytes(checkpoint.server_optimizer, source="test").t == 2
+
+
+def test_distributed_run_resumed_after_round_one_ends_where_an_uninterrupted_one_does(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """The server's Adam moments travel in the checkpoint: resuming loses none of them (fixed noise seed)."""
+    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0)
+    straight = cfg.model_copy(update={"name": "straight"})
+    dplora_pipeline(straight)
+    halves = cfg.model_copy(update={"name": "halves", "federation": cfg.federation.model_copy(update={"rounds": 1})})
+    dplora_pipeline(halves)
+    resumed = federated_finetune(halves.model_copy(update={"federation": straight.federation}), resume=True)
+    assert resumed["rounds"] == 2
+    adapter = "adapter.safetensors"
+    assert (halves.run_dir / adapter).read_bytes() == (straight.run_dir / adapter).read_bytes()

@@ -1,4 +1,4 @@
-"""Aggregation strategies: FedAvg and the server learning rate wrapped around it."""
+"""Aggregation strategies: FedAvg, and the server's optimizer (SGD with a learning rate, or Adam) around it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dplora_core.strategy import DpFedAvgServerSide, FedAvg, ServerStep
-from tasks.training import with_server_step
+from dplora_core.adapters import to_bytes
+from dplora_core.strategy import AdamState, DpFedAvgServerSide, FedAvg, ServerAdam, ServerStep
+from tasks.training import server_state_of, with_server_step
 from tests.helpers import tiny_config
 
 
@@ -48,3 +49,41 @@ def test_server_learning_rate_one_is_plain_fedavg_and_other_values_wrap_it(tmp_p
     cfg = tiny_config(tmp_path, tmp_path, tmp_path, federation__server_learning_rate=2.0)
     wrapped = with_server_step(cfg, inner)
     assert isinstance(wrapped, ServerStep) and wrapped.learning_rate == 2.0 and wrapped.inner is inner
+
+
+def test_server_adam_takes_the_steps_torch_adam_takes_on_the_pseudo_gradient() -> None:
+    """FedAdam checked against an independent implementation: torch.optim.Adam with grad = -(mean - x)."""
+    rounds = [[state(0.5), state(-1.0)], [state(2.0), state(0.0)], [state(-3.0), state(0.25)]]
+    x = {k: v.clone() for k, v in state(0.0).items()}
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in x.items()}
+    reference = torch.optim.Adam(params.values(), lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    adam_state = AdamState(m={}, v={})
+    for clients in rounds:
+        server = ServerAdam(FedAvg(), 0.1, adam_state)
+        mean = FedAvg().aggregate(x, clients, [1.0, 1.0])
+        x = server.aggregate(x, clients, [1.0, 1.0])
+        adam_state = AdamState.from_bytes(server.state.to_bytes(), source="test")  # as a checkpoint carries it
+        for k, p in params.items():
+            p.grad = -(mean[k] - p.detach())
+        reference.step()
+        for k in x:
+            torch.testing.assert_close(x[k], params[k].detach())
+    assert adam_state.t == 3
+
+
+def test_server_adam_state_refuses_a_payload_that_is_not_one() -> None:
+    with pytest.raises(ValueError, match="not a server Adam state"):
+        AdamState.from_bytes(to_bytes(state(1.0)), source="checkpoint x")
+
+
+def test_server_optimizer_adam_wraps_the_strategy_and_resumes_its_state(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path, federation__server_optimizer="adam",
+                      federation__server_learning_rate=0.05)
+    first = with_server_step(cfg, FedAvg())
+    assert isinstance(first, ServerAdam) and first.learning_rate == 0.05 and first.state.t == 0
+    first.aggregate(state(0.0), [state(1.0)], [1.0])
+    saved = server_state_of(first)
+    assert saved is not None
+    resumed = with_server_step(cfg, FedAvg(), saved)
+    assert isinstance(resumed, ServerAdam) and resumed.state.t == 1
+    assert server_state_of(with_server_step(tiny_config(tmp_path, tmp_path, tmp_path), FedAvg())) is None

@@ -161,23 +161,38 @@ RELATIONS = {
         "client-level: adding or removing one client with all its records "
         "(Poisson client sampling; the server is trusted to clip and noise the updates)"
     ),
+    "distributed": (
+        "record-level: adding or removing one record of one client's dataset, for everyone who sees only the sum "
+        "of the clients' uploads, e.g. the released adapters (client dataset sizes treated as public)"
+    ),
     "paper": "paper bound, not a certified record-level guarantee",
     "none": "none: no differential privacy",
 }
 
-SHORT_RELATIONS = {"sample": "record-level", "client": "client-level", "paper": "paper bound", "none": "no DP"}
+SHORT_RELATIONS = {
+    "sample": "record-level", "client": "client-level", "distributed": "record-level", "paper": "paper bound",
+    "none": "no DP",
+}
 
 MECHANISMS = {
     "sample": "Poisson-subsampled Gaussian DP-SGD; worst client",
     "client": "DP-FedAvg with Poisson-subsampled clients",
+    "distributed": (
+        "Poisson-subsampled Gaussian DP-SGD, one step a round, its noise split among the clients; worst client"
+    ),
     "paper": "per iteration, no composition over iterations, as published in arXiv 2312.17493",
 }
 
 
 def describe_guarantee(
-    *, mode: str, epsilon: float, delta: float, kind: LedgerKind, fixed_seed: bool = False
+    *, mode: str, epsilon: float, delta: float, kind: LedgerKind, fixed_seed: bool = False,
+    server_epsilon: float | None = None,
 ) -> str:
-    """One line an auditor can check: epsilon, delta, neighbouring relation, accountant."""
+    """One line an auditor can check: epsilon, delta, neighbouring relation, accountant.
+
+    server_epsilon (mode distributed): what the server, which sees each client's upload with only its share of
+    the noise, gets for the same relation and delta.
+    """
     if mode == "none":
         return "no differential privacy (privacy.mode = none): epsilon = infinity"
     if mode == "paper":
@@ -186,6 +201,11 @@ def describe_guarantee(
         f"(epsilon = {epsilon:.3f}, delta = {delta:g})-DP, {RELATIONS[mode]}; "
         f"{ACCOUNTANT_NAMES[kind]}, {MECHANISMS[mode]}"
     )
+    if server_epsilon is not None:
+        text += (
+            f"; against the server, which sees each client's upload with its share of the noise only: epsilon = "
+            f"{server_epsilon:.3f} (same relation and delta; no secure aggregation)"
+        )
     if fixed_seed:
         text += "; VOID against anyone who knows privacy.noise_seed (fixed seed: reproducible experiments only)"
     return text
