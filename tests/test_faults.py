@@ -150,6 +150,29 @@ def test_a_non_finite_update_is_rejected_by_name_and_never_aggregated(
     assert [len(ledgers[k]["runs"]) for k in ("0", "1", "2")] == [1, 1, 1]  # client 1 did release: charged
 
 
+def test_distributed_a_rejected_upload_is_charged_to_the_servers_view_only(
+    tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode distributed: the server saw client 1's upload (its share's epsilon), but its records are not in the
+    released sum, which the other two clients' shares still carry at sigma (quorum 2)."""
+    def poisoned(update: ClientUpdate) -> ClientUpdate:
+        state = {k: v * float("nan") for k, v in from_bytes(update.adapter, source="test").items()}
+        return dataclasses.replace(update, adapter=to_bytes(state))
+
+    tamper_update(monkeypatch, 1, poisoned)
+    cfg = three_clients(
+        tiny_model_dir, raw_dir, tmp_path, federation__min_clients=2, privacy__mode="distributed",
+        federation__local_steps=1, federation__optimizer="sgd",
+    )
+    dplora_pipeline(cfg)
+    privacy = json.loads((cfg.run_dir / "training.json").read_text())["privacy"]
+    sigmas = privacy["noise_multipliers"]
+    assert sigmas["clients"]["1"] == pytest.approx(sigmas["aggregate"] / 2**0.5)
+    views = ("ledgers", "server_view_ledgers")
+    runs = {view: [len(privacy[view][k]["runs"]) for k in ("0", "1", "2")] for view in views}
+    assert runs == {"ledgers": [1, 0, 1], "server_view_ledgers": [1, 1, 1]}
+
+
 def run_with_client_2_claiming_10_to_the_12_records(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, Any]:

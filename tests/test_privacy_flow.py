@@ -193,6 +193,33 @@ def test_a_round_interrupted_after_release_is_charged_on_resume(
     assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]
 
 
+def test_distributed_round_interrupted_after_release_is_charged_to_both_views_on_resume(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above with OS-entropy noise, in mode distributed: the server saw the lost round's uploads too."""
+    import flows.federated as federated
+
+    cfg = distributed_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
+        privacy__noise_seed=None,
+    )
+    real, calls = federated.evaluate, {"n": 0}
+
+    def crash_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash after the round's uploads")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "evaluate", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dplora_pipeline(cfg)
+    monkeypatch.setattr(federated, "evaluate", real)
+    privacy = federated_finetune(cfg, resume=True)["privacy"]
+    for view in ("ledgers", "server_view_ledgers"):
+        assert [len(ledger["runs"]) for ledger in privacy[view].values()] == [3, 3]
+
+
 def test_a_fresh_run_moves_an_unfinished_checkpoint_aside_instead_of_writing_over_it(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
