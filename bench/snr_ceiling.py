@@ -7,8 +7,9 @@ of a client's n records, T steps) it calibrates sigma as a run does (`calibrate_
 prints B sqrt(T) / sigma: the norm of T summed clipped-gradient means against the noise summed with them
 (sigma C sqrt(d) / B per step, d drops out of the ratio), so larger is better. `x recipe` divides by the
 recipe's (B 128, T 15, mode sample). In mode `sample` every client adds its own noise, and averaging K clients
-gains sqrt(K) on every schedule alike; in mode `distributed` the K clients' shares add up to one sigma on the sum
-of their batches, K B sqrt(T) / sigma: sqrt(K) more than mode `sample` on the same schedule.
+gains sqrt(K) on every schedule alike. In mode `distributed` each client adds sigma / sqrt(K - 1) (any K - 1 shares
+carry sigma, so a client that takes out its own still faces sigma), and the sum of the K batches carries
+sigma sqrt(K / (K - 1)): sqrt(K - 1) times mode `sample`'s ratio on the same schedule.
 
 At q = 1 (every record in every step) the T steps are one Gaussian mechanism on the whole shard however they
 are split, so the ratio is the same for every T: n epsilon / c, the most any schedule of mode `sample` can
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     kw = {"n": args.records, "epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant}
     _, recipe = snr(*RECIPE, **kw)
-    k = math.sqrt(args.clients)
+    gain = math.sqrt(args.clients - 1)  # mode distributed over mode sample, same schedule
     print(f"epsilon {args.epsilon:g}, delta {args.delta:g}, {args.accountant}, n = {args.records} records a client, "
           f"K = {args.clients} clients; B sqrt(T) / sigma, larger is better\n")
     print("| B | q | T | sigma | B sqrt(T) / sigma | x recipe, mode sample | x recipe, mode distributed |")
@@ -55,7 +56,7 @@ def main() -> None:
                            accountant=args.accountant)
         q = sample_rate(batch, args.records)
         print(f"| {batch} | {q:.3f} | {steps} | {sigma:.3f} | {ratio:,.0f} | {ratio / recipe:.2f} | "
-              f"{ratio * k / recipe:.2f} |")
+              f"{ratio * gain / recipe:.2f} |")
 
 
 if __name__ == "__main__":

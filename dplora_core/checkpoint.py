@@ -53,9 +53,10 @@ def save_checkpoint(
         files["server_optimizer"] = f"server-optimizer-round-{round_num:04d}.safetensors"
         atomic_write(directory / files["server_optimizer"], server_optimizer)
     atomic_write(directory / STATE, json.dumps({"round": round_num, **files, **state}, indent=2).encode())
-    for old in [*directory.glob("adapter-round-*.safetensors"), *directory.glob("server-optimizer-round-*")]:
-        if old.name not in files.values():
-            old.unlink()
+    for pattern in ("adapter-round-*.safetensors", "server-optimizer-round-*.safetensors"):
+        for old in directory.glob(pattern):
+            if old.name not in files.values():
+                old.unlink()
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:

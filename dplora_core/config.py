@@ -79,10 +79,11 @@ class PrivacyConfig(_Strict):
     client: client-level DP-FedAvg (McMahan et al. 2018): clients Poisson-sampled, updates
             clipped and noised by the server; epsilon for adding or removing a whole client.
     distributed: record-level DP-SGD on the union of the clients' records, one step a round (distributed
-            DP): each client clips per-example gradients and adds its share N(0, sigma^2 C^2 / m) of the
-            noise, so the sum of the m uploads (m: the round's quorum) carries sigma. Epsilon per client for
-            the aggregate (the released adapters); the server, which sees each upload, gets only the
-            share's epsilon, reported next to it (secure aggregation would hide the uploads; not built).
+            DP): each client clips per-example gradients and adds its share N(0, sigma^2 C^2 / (m - 1)) of the
+            noise, so the sum of any m - 1 uploads (m: the round's quorum) carries sigma. Epsilon per client
+            for the sum (the released adapters), against any one client too (it knows its own share); the
+            server, which sees each upload, gets only the share's epsilon, reported next to it (secure
+            aggregation would hide the uploads; not built).
     paper:  DP-LoRA Algorithm 1 as published (arXiv 2312.17493); its epsilon is the paper's
             per-iteration bound, not a certified record-level guarantee.
     none:   the non-private baseline.
@@ -196,6 +197,15 @@ class FederationConfig(_Strict):
     exchange_dir: str | None = Field(
         None, description="Cross-silo: folder both sides reach (a shared mount) where the adapters cross."
     )
+
+    @model_validator(mode="after")
+    def _server_adam_has_a_rate(self) -> FederationConfig:
+        if self.server_optimizer == "adam" and "server_learning_rate" not in self.model_fields_set:
+            raise ValueError(
+                "federation.server_optimizer adam needs federation.server_learning_rate set: its default, 1, is "
+                "plain FedAvg's, and Adam's first step moves every coordinate by about the rate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _clients_per_round_fit(self) -> FederationConfig:
@@ -364,10 +374,17 @@ class ExperimentConfig(_Strict):
     def _distributed_uploads_add_up(self) -> ExperimentConfig:
         """Mode distributed: the server's sum of the uploads must be the noised sum of one DP-SGD step, so
         each upload must be linear in its client's noised gradient sum: one plain SGD step, sent as is."""
-        f = self.federation
-        if self.privacy.mode != "distributed":
+        f, p = self.federation, self.privacy
+        if p.mode != "distributed":
             return self
+        if (f.min_clients or f.clients_per_round) < 2:
+            raise ValueError(
+                "privacy.mode distributed needs a quorum of at least 2 clients (federation.clients_per_round, or "
+                "federation.min_clients if set): each client knows its own share, so the others' shares carry "
+                "the noise"
+            )
         wrong = {
+            "privacy.upload_noise_std": (p.upload_noise_std, 0.0),
             "federation.local_steps": (f.local_steps, 1),
             "federation.optimizer": (f.optimizer, "sgd"),
             "federation.momentum": (f.momentum, 0.0),

@@ -100,17 +100,34 @@ class AdamState:
     @classmethod
     def from_bytes(cls, payload: bytes, *, source: str) -> AdamState:
         tensors = from_bytes(payload, source=source)
-        if "t" not in tensors or tensors.keys() - {"t"} != {f"{p}.{k[2:]}" for k in tensors if k != "t" for p in "mv"}:
+        m = {k[2:]: x for k, x in tensors.items() if k.startswith("m.")}
+        v = {k[2:]: x for k, x in tensors.items() if k.startswith("v.")}
+        if "t" not in tensors or len(m) + len(v) + 1 != len(tensors) or m.keys() != v.keys():
             raise ValueError(f"{source}: not a server Adam state (needs t and an m and a v for each tensor)")
-        return cls(
-            m={k[2:]: x for k, x in tensors.items() if k.startswith("m.")},
-            v={k[2:]: x for k, x in tensors.items() if k.startswith("v.")},
-            t=int(tensors["t"]),
-        )
+        state = cls(m=m, v=v, t=int(tensors["t"]))
+        if (state.t > 0) != bool(m):
+            raise ValueError(f"{source}: server Adam state with t = {state.t} and {len(m)} moment tensors")
+        return state
+
+    def check_fits(self, delta: AdapterState) -> None:
+        """ValueError unless the moments are those of tensors named and shaped as `delta`'s (or there are none yet)."""
+        if self.t == 0:
+            return
+        if self.m.keys() != delta.keys():
+            raise ValueError(
+                f"server Adam state: its moments are for {len(self.m)} tensors, the update has {len(delta)}; "
+                f"e.g. {sorted(self.m.keys() ^ delta.keys())[:2]}"
+            )
+        for k, d in delta.items():
+            if self.m[k].shape != d.shape or self.v[k].shape != d.shape:
+                raise ValueError(
+                    f"server Adam state: {k} has shape {tuple(self.m[k].shape)}, the update {tuple(d.shape)}"
+                )
 
 
 def adam_moments(state: AdamState, delta: AdapterState, *, betas: tuple[float, float]) -> AdamState:
     """m <- b1 m + (1 - b1) delta, v <- b2 v + (1 - b2) delta^2 (zeros before the first step), t <- t + 1."""
+    state.check_fits(delta)
     b1, b2 = betas
     m = {k: b1 * state.m.get(k, torch.zeros_like(d)) + (1 - b1) * d for k, d in delta.items()}
     v = {k: b2 * state.v.get(k, torch.zeros_like(d)) + (1 - b2) * d * d for k, d in delta.items()}

@@ -229,6 +229,10 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         )
     try:
         state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state, checkpoint.server_optimizer)
+        if cfg.privacy.mode == "distributed" and not state.server_view:
+            raise ValueError("mode distributed, but no server-view ledgers")
+        if cfg.federation.server_optimizer == "adam" and checkpoint.round > 0 and state.server_optimizer is None:
+            raise ValueError("server_optimizer adam, but no server optimizer state after round 1")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{directory}: cannot resume, its run state is incomplete or malformed "
@@ -310,7 +314,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
             pending = {
                 "round": r, "events": {k: asdict(run) for k, run in events.items()},
                 **({"uploads": {str(k): asdict(run) for k, run in planned_uploads(cfg, state.plan, clients).items()}}
-                   if state.server_view else {}),
+                   if cfg.privacy.mode == "distributed" else {}),
             }
             save_checkpoint(  # write-ahead: a crash from here on charges this round on resume
                 checkpoint,
@@ -402,8 +406,8 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
     """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
-    planned = planned_uploads(cfg, state.plan, clients)
-    updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, planned)
+    uploads = planned_uploads(cfg, state.plan, clients)
+    updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, uploads)
     if p.mode == "client":
         assert state.plan.server is not None
         new_model, state.clip_norm, state.server_optimizer = aggregate_private(
@@ -411,15 +415,7 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
         )
     else:
         new_model, state.server_optimizer = aggregate(cfg, global_model, updates, state.server_optimizer)
-    # Spent once the round's release exists (a failed client released nothing). Mode distributed: a client's
-    # records are in the sum only if its update was aggregated; the server saw every upload sent, rejected too.
-    in_release = {u.client_id for u in updates} if p.mode == "distributed" else released
-    for key, run in events.items():
-        if p.mode == "client" or int(key) in in_release:
-            state.ledgers[key].record(run)
-    for k, run in planned.items():
-        if str(k) in state.server_view and k in released:
-            state.server_view[str(k)].record(run)
+    charge_round(cfg, state, events, uploads, released=released, aggregated={u.client_id for u in updates})
     val = evaluate(cfg, new_model.adapter, "validation")
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
     _, server_view = spent_epsilon(cfg, state.server_view)
@@ -450,6 +446,23 @@ def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int]
             "base_dtypes": None if private else sorted({u.base_dtype for u in updates}),
         }
     )
+
+
+def charge_round(
+    cfg: ExperimentConfig, state: RunState, events: dict[str, DpSgdRun], uploads: dict[int, DpSgdRun], *,
+    released: set[int], aggregated: set[int],
+) -> None:
+    """Record what the round released, once it exists (a failed client released nothing): each client's events
+    if it sent an update (rejected ones too), the population's event (mode client). Mode distributed: a
+    client's records are in the sum only if its upload was aggregated; the server saw every upload sent."""
+    p = cfg.privacy
+    in_release = aggregated if p.mode == "distributed" else released
+    for key, run in events.items():
+        if p.mode == "client" or int(key) in in_release:
+            state.ledgers[key].record(run)
+    if p.mode == "distributed":
+        for k in released:
+            state.server_view[str(k)].record(uploads[k])
 
 
 def per_client_numbers(
@@ -515,15 +528,15 @@ def train_round_clients(
     updates, rejected = screen_updates(cfg, global_model, updates, planned)
     failed |= rejected
     # mode client: no quorum; a failed client adds zero to the noised sum, which is divided by the expected count
-    quorum = 0 if participation_is_private(cfg) else min(f.min_clients or len(clients), len(clients))
+    needed = 0 if participation_is_private(cfg) else min(quorum(cfg), len(clients))
     who = (
         f"{len(failed)} sampled client(s)"  # mode client: who was sampled stays private
         if participation_is_private(cfg)
         else ", ".join(f"client {k} ({why})" for k, why in failed.items())
     )
-    if len(updates) < quorum:
+    if len(updates) < needed:
         raise RoundFailed(
-            f"round {r}: {len(updates)} of {len(clients)} clients succeeded, below the quorum of {quorum} "
+            f"round {r}: {len(updates)} of {len(clients)} clients succeeded, below the quorum of {needed} "
             f"(federation.min_clients); failed: {who}. Nothing of the round was applied."
         )
     if failed:
@@ -546,7 +559,7 @@ def write_outputs(
     server_epsilon, per_client_server_view = spent_epsilon(cfg, state.server_view)
     guarantee = describe_guarantee(
         mode=p.mode, epsilon=epsilon, delta=p.delta, kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None,
-        server_epsilon=server_epsilon if state.server_view else None,
+        server_epsilon=server_epsilon if p.mode == "distributed" else None,
     )
     dtypes = client_base_dtypes(cfg, state.history)
     out = cfg.run_dir
@@ -575,7 +588,7 @@ def write_outputs(
                     "per_client_server_view_epsilon": per_client_server_view,
                     "server_view_ledgers": {k: ledger.state_dict() for k, ledger in state.server_view.items()},
                 }
-                if state.server_view
+                if p.mode == "distributed"
                 else {}
             ),
         },

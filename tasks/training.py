@@ -75,10 +75,10 @@ SERVER_KEY = 2**32 - 1
 class NoisePlan:
     """The noise multipliers of a run, fixed before round 1 and kept in every checkpoint."""
 
-    # sigma per client (modes sample, paper); mode distributed: each client's share, sigma / sqrt(quorum)
+    # the multiplier of each client's own noise: sigma (modes sample, paper); its share (mode distributed)
     clients: dict[int, float] = field(default_factory=dict)
     server: float | None = None  # z of one DP-FedAvg round, adaptive count included (mode client)
-    aggregate: float | None = None  # mode distributed: sigma of the sum of a quorum's uploads
+    aggregate: float | None = None  # mode distributed: sigma of the sum of a quorum's uploads but one
 
 
 def client_sample_rate(cfg: ExperimentConfig) -> float:
@@ -125,9 +125,9 @@ def quorum(cfg: ExperimentConfig) -> int:
 
 
 def distributed_noise_plan(cfg: ExperimentConfig, sizes: Sequence[int]) -> NoisePlan:
-    """Mode distributed: sigma for the sum of a quorum's uploads (privacy.noise_multiplier, or calibrated for the
-    client that needs the most: one step a round), and each client's share sigma / sqrt(quorum), so that any
-    quorum's shares add up to at least sigma."""
+    """Mode distributed: sigma (privacy.noise_multiplier, or calibrated for the client that needs the most: one
+    step a round), and each client's share sigma / sqrt(quorum - 1). Any quorum's shares but one add up to at
+    least sigma: the sum carries sigma even for a client that knows its own share and takes it out."""
     f = cfg.federation
     for k, n in enumerate(sizes):
         if n < f.batch_size:  # q = 1 would shrink this client's expected batch and weigh its records more
@@ -136,7 +136,7 @@ def distributed_noise_plan(cfg: ExperimentConfig, sizes: Sequence[int]) -> Noise
                 "privacy.mode distributed needs every client's expected batch to be batch_size"
             )
     sigma = max(record_noise_multiplier(cfg, n) for n in sizes)
-    share = sigma / math.sqrt(quorum(cfg))
+    share = sigma / math.sqrt(quorum(cfg) - 1)
     return NoisePlan(clients={k: share for k in range(len(sizes))}, aggregate=sigma)
 
 
@@ -312,6 +312,8 @@ def aggregate(
     server_state: the server optimizer's state from the previous round (adam; None: fresh or none).
     """
     current, reference, states = _checked_states(cfg, global_model, updates)
+    if cfg.privacy.mode == "distributed" and len(updates) < quorum(cfg):  # the noise shares assume a quorum
+        raise ValueError(f"mode distributed: {len(updates)} uploads, fewer than the quorum of {quorum(cfg)}")
     equal = cfg.privacy.mode in ("paper", "distributed")
     weights = [1.0] * len(updates) if equal else [float(u.num_examples) for u in updates]
     strategy = with_server_step(cfg, FedAvg(), server_state)

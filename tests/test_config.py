@@ -97,8 +97,22 @@ def write(tmp_path: Path, tree: dict) -> Path:
         ),
         (
             {"privacy": {"mode": "distributed"},
-             "federation": {"local_steps": 1, "optimizer": "sgd", "upload_codec": "int8"}},
-            "federation.upload_codec is 'int8'", "the uploads add up",
+             "federation": {"local_steps": 1, "optimizer": "sgd", "upload_codec": "float16"}},
+            "federation.upload_codec is 'float16'", "the uploads add up",
+        ),
+        (
+            {"privacy": {"mode": "distributed", "upload_noise_std": 0.1},
+             "federation": {"local_steps": 1, "optimizer": "sgd"}},
+            "privacy.upload_noise_std is 0.1", "needs 0.0",
+        ),
+        (
+            {"privacy": {"mode": "distributed"},
+             "federation": {"local_steps": 1, "optimizer": "sgd", "num_clients": 4, "clients_per_round": 1}},
+            "privacy.mode distributed needs a quorum of at least 2 clients", "each client knows its own share",
+        ),
+        (
+            {"federation": {"server_optimizer": "adam"}},
+            "federation.server_optimizer adam needs federation.server_learning_rate set", "its default, 1",
         ),
         (
             {"privacy": {"mode": "client"}, "federation": {"min_clients": 2}},

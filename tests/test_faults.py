@@ -154,7 +154,7 @@ def test_distributed_a_rejected_upload_is_charged_to_the_servers_view_only(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mode distributed: the server saw client 1's upload (its share's epsilon), but its records are not in the
-    released sum, which the other two clients' shares still carry at sigma (quorum 2)."""
+    released sum, which the other two clients' uploads still make (quorum 2: each share is sigma / sqrt(2 - 1))."""
     def poisoned(update: ClientUpdate) -> ClientUpdate:
         state = {k: v * float("nan") for k, v in from_bytes(update.adapter, source="test").items()}
         return dataclasses.replace(update, adapter=to_bytes(state))
@@ -167,7 +167,7 @@ def test_distributed_a_rejected_upload_is_charged_to_the_servers_view_only(
     dplora_pipeline(cfg)
     privacy = json.loads((cfg.run_dir / "training.json").read_text())["privacy"]
     sigmas = privacy["noise_multipliers"]
-    assert sigmas["clients"]["1"] == pytest.approx(sigmas["aggregate"] / 2**0.5)
+    assert sigmas["clients"]["1"] == pytest.approx(sigmas["aggregate"])
     views = ("ledgers", "server_view_ledgers")
     runs = {view: [len(privacy[view][k]["runs"]) for k in ("0", "1", "2")] for view in views}
     assert runs == {"ledgers": [1, 0, 1], "server_view_ledgers": [1, 1, 1]}

@@ -192,6 +192,29 @@ def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
         torch.testing.assert_close(value, expected)
 
 
+def test_aggregate_in_mode_distributed_is_the_plain_mean_of_the_uploads(finished) -> None:
+    """Each upload is a step on its client's noised mean gradient over an expected batch of batch_size records,
+    so the mean of the uploads (not a record-weighted one) is the step on the union's; below the quorum the noise
+    shares would not add up, and aggregation refuses."""
+    cfg, _ = finished
+    distributed = cfg.model_copy(update={
+        "privacy": cfg.privacy.model_copy(update={"mode": "distributed"}),
+        "federation": cfg.federation.model_copy(update={"local_steps": 1, "optimizer": "sgd"}),
+    })
+    global_model = init_adapter.fn(cfg)
+    state = from_bytes(global_model.adapter, source="test")
+    updates = [
+        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=None, dp_run=None, base_dtype="float32",
+                     adapter=to_bytes({k: torch.full_like(v, value) for k, v in state.items()}))
+        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
+    ]
+    merged = from_bytes(aggregate.fn(distributed, global_model, updates)[0].adapter, source="test")
+    for value in merged.values():
+        torch.testing.assert_close(value, torch.full_like(value, 3.0))
+    with pytest.raises(ValueError, match="1 uploads, fewer than the quorum of 2"):
+        aggregate.fn(distributed, global_model, updates[:1])
+
+
 def test_non_private_baseline_reports_no_guarantee(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,20 +257,23 @@ def distributed_config(tiny_model_dir: Path, tmp: Path, raw_dir: Path, **overrid
 def test_distributed_mode_reports_the_released_adapters_and_the_servers_epsilons(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
-    """The sum of 2 uploads carries sigma (calibrated to epsilon 8 over 2 one-step rounds); the server, which
-    sees each upload, only sigma / sqrt(2); both epsilons pinned to Opacus."""
-    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir)
+    """3 clients: any 2 uploads' shares carry sigma (calibrated to epsilon 8 over 2 one-step rounds), so the sum
+    does even for a client that takes out its own; the server, which sees each upload, gets only sigma / sqrt(2).
+    Both epsilons pinned to Opacus."""
+    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir, federation__num_clients=3,
+                             federation__clients_per_round=3)
     metrics = dplora_pipeline(cfg)
     priv = metrics["privacy"]
     sigma = priv["noise_multipliers"]["aggregate"]
     share = pytest.approx(sigma / 2**0.5)
-    assert priv["noise_multipliers"]["clients"] == {"0": share, "1": share}
-    q, delta = 8 / min(len(s) for s in partition_iid(48, 2, seed=0)), cfg.privacy.delta
+    assert priv["noise_multipliers"]["clients"] == {"0": share, "1": share, "2": share}
+    q, delta = 8 / min(len(s) for s in partition_iid(48, 3, seed=0)), cfg.privacy.delta
     assert priv["epsilon"] == pytest.approx(opacus_epsilon(q, sigma, 2, delta), rel=1e-3)
     assert priv["epsilon"] == pytest.approx(8.0, rel=1e-3) and priv["epsilon"] <= 8.0
     server = opacus_epsilon(q, sigma / 2**0.5, 2, delta)
     assert priv["server_view_epsilon"] == pytest.approx(server, rel=1e-3) and server > 8.0
-    assert "everyone who sees only the sum of the clients' uploads" in priv["guarantee"]
+    assert "everyone who sees only the sum of the clients' uploads (the released adapters), any one client included" \
+        in priv["guarantee"]
     assert f"against the server, which sees each client's upload with its share of the noise only: epsilon = " \
            f"{priv['server_view_epsilon']:.3f}" in priv["guarantee"]
     checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
@@ -290,3 +294,14 @@ def test_distributed_run_resumed_after_round_one_ends_where_an_uninterrupted_one
     assert resumed["rounds"] == 2
     adapter = "adapter.safetensors"
     assert (halves.run_dir / adapter).read_bytes() == (straight.run_dir / adapter).read_bytes()
+
+
+def test_distributed_refuses_a_client_smaller_than_the_batch_before_training(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """Its expected batch would be its n, not batch_size, and its records would weigh more in the mean."""
+    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir, federation__batch_size=30)
+    with pytest.raises(ValueError, match=re.escape("client 0 has 24 training records, fewer than "
+                                                    "federation.batch_size (30)")):
+        dplora_pipeline(cfg)
+    assert not (cfg.run_dir / "checkpoint").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,14 @@ def test_server_optimizer_adam_wraps_the_strategy_and_resumes_its_state(tmp_path
     resumed = with_server_step(cfg, FedAvg(), saved)
     assert isinstance(resumed, ServerAdam) and resumed.state.t == 1
     assert server_state_of(with_server_step(tiny_config(tmp_path, tmp_path, tmp_path), FedAvg())) is None
+
+
+@pytest.mark.parametrize(("moments", "error"), [
+    ({"a": torch.zeros(2, 3)}, "its moments are for 1 tensors, the update has 2"),
+    ({"a": torch.zeros(2, 3), "b": torch.zeros(1)}, "b has shape (1,), the update (3,)"),
+])
+def test_server_adam_refuses_moments_that_do_not_fit_the_adapter(moments: dict[str, torch.Tensor], error: str) -> None:
+    """A state for other tensors would broadcast or restart silently; it is refused by name instead."""
+    server = ServerAdam(FedAvg(), 0.1, AdamState(m=moments, v=moments, t=1))
+    with pytest.raises(ValueError, match=re.escape(error)):
+        server.aggregate(state(0.0), [state(1.0)], [1.0])

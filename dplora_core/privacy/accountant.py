@@ -163,14 +163,16 @@ RELATIONS = {
     ),
     "distributed": (
         "record-level: adding or removing one record of one client's dataset, for everyone who sees only the sum "
-        "of the clients' uploads, e.g. the released adapters (client dataset sizes treated as public)"
+        "of the clients' uploads (the released adapters), any one client included (client dataset sizes treated "
+        "as public)"
     ),
     "paper": "paper bound, not a certified record-level guarantee",
     "none": "none: no differential privacy",
 }
 
 SHORT_RELATIONS = {
-    "sample": "record-level", "client": "client-level", "distributed": "record-level", "paper": "paper bound",
+    "sample": "record-level", "client": "client-level", "distributed": "record-level, sum of uploads",
+    "paper": "paper bound",
     "none": "no DP",
 }
 
