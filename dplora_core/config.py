@@ -165,6 +165,11 @@ class FederationConfig(_Strict):
         1.0, gt=0, description="Server step on the aggregated update (FedOpt); with server_optimizer sgd, 1 is plain "
         "FedAvg. Post-processing: it changes no privacy guarantee.",
     )
+    server_warmup_rounds: int = Field(
+        0, ge=0, description="The server's rate ramps up linearly over the first rounds: round r steps at "
+        "server_learning_rate x r / (server_warmup_rounds + 1) until that reaches 1 (0: none). Adam's first steps "
+        "move every coordinate by about the rate, whatever the noise.",
+    )
     server_optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="The server's step on the aggregated update: sgd (x + eta (mean - x)) or adam (FedAdam, "
         "Reddi et al. 2021: moments kept across rounds and in checkpoints). Post-processing.",

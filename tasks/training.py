@@ -51,6 +51,7 @@ from dplora_core.train import (
     round_learning_rate,
     sample_rate,
     train_local,
+    warmup_factor,
 )
 from tasks.runtime import (
     ZERO_SHOT_SCORES,
@@ -316,21 +317,24 @@ def aggregate(
         raise ValueError(f"mode distributed: {len(updates)} uploads, fewer than the quorum of {quorum(cfg)}")
     equal = cfg.privacy.mode in ("paper", "distributed")
     weights = [1.0] * len(updates) if equal else [float(u.num_examples) for u in updates]
-    strategy = with_server_step(cfg, FedAvg(), server_state)
+    strategy = with_server_step(cfg, FedAvg(), server_state, round_num=global_model.round + 1)
     merged = strategy.aggregate(reference, states, weights)
     return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), server_state_of(strategy)
 
 
-def with_server_step(cfg: ExperimentConfig, inner: Strategy, server_state: bytes | None = None) -> Strategy:
-    """`inner` behind the server's optimizer: sgd at federation.server_learning_rate (left out at 1, so plain
-    FedAvg stays exact), or adam resuming from `server_state`."""
+def with_server_step(
+    cfg: ExperimentConfig, inner: Strategy, server_state: bytes | None = None, *, round_num: int = 1
+) -> Strategy:
+    """`inner` behind the server's optimizer at round `round_num`'s rate (federation.server_learning_rate after
+    the warm-up): sgd (left out at rate 1, so plain FedAvg stays exact), or adam resuming from `server_state`."""
     f = cfg.federation
+    eta = f.server_learning_rate * warmup_factor(round_num - 1, f.server_warmup_rounds)
     if f.server_optimizer == "adam":
         state = AdamState(m={}, v={}) if server_state is None else AdamState.from_bytes(
             server_state, source="the checkpoint's server optimizer state"
         )
-        return ServerAdam(inner, f.server_learning_rate, state)
-    return inner if f.server_learning_rate == 1 else ServerStep(inner, f.server_learning_rate)
+        return ServerAdam(inner, eta, state)
+    return inner if eta == 1 else ServerStep(inner, eta)
 
 
 def server_state_of(strategy: Strategy) -> bytes | None:
@@ -358,7 +362,7 @@ def aggregate_private(
         generator=noise_generator(p.noise_seed, global_model.round + 1, SERVER_KEY, 1, device=torch.device("cpu")),
         adaptive=adaptive,
     )
-    strategy = with_server_step(cfg, dp_fedavg, server_state)
+    strategy = with_server_step(cfg, dp_fedavg, server_state, round_num=global_model.round + 1)
     merged = strategy.aggregate(reference, states, [1.0] * len(states))
     model = GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged))
     return model, dp_fedavg.clip_norm, server_state_of(strategy)

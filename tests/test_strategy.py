@@ -99,3 +99,14 @@ def test_server_adam_refuses_moments_that_do_not_fit_the_adapter(moments: dict[s
     server = ServerAdam(FedAvg(), 0.1, AdamState(m=moments, v=moments, t=1))
     with pytest.raises(ValueError, match=re.escape(error)):
         server.aggregate(state(0.0), [state(1.0)], [1.0])
+
+
+def test_server_warmup_ramps_the_servers_rate_over_the_first_rounds(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path, federation__server_optimizer="adam",
+                      federation__server_learning_rate=0.3, federation__server_warmup_rounds=2)
+    rates = [with_server_step(cfg, FedAvg(), round_num=r).learning_rate for r in (1, 2, 3, 4)]  # type: ignore[attr-defined]
+    assert rates == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    sgd = tiny_config(tmp_path, tmp_path, tmp_path, federation__server_warmup_rounds=1)
+    first = with_server_step(sgd, FedAvg(), round_num=1)
+    assert isinstance(first, ServerStep) and first.learning_rate == pytest.approx(0.5)
+    assert isinstance(with_server_step(sgd, FedAvg(), round_num=2), FedAvg)  # rate 1 after it: plain FedAvg
