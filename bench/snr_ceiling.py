@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from dplora_core.privacy.accountant import calibrate_noise_multiplier
 from dplora_core.train import sample_rate
@@ -44,7 +45,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=5, help="K, clients averaged per round")
     parser.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
     args = parser.parse_args()
-    kw = {"n": args.records, "epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant}
+    kw: dict[str, Any] = {
+        "n": args.records, "epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant,
+    }
     _, recipe = snr(*RECIPE, **kw)
     gain = math.sqrt(args.clients - 1)  # mode distributed over mode sample, same schedule
     print(f"epsilon {args.epsilon:g}, delta {args.delta:g}, {args.accountant}, n = {args.records} records a client, "
@@ -52,8 +55,7 @@ def main() -> None:
     print("| B | q | T | sigma | B sqrt(T) / sigma | x recipe, mode sample | x recipe, mode distributed |")
     print("|---|---|---|---|---|---|---|")
     for batch, steps in SCHEDULES:
-        sigma, ratio = snr(batch, steps, n=args.records, epsilon=args.epsilon, delta=args.delta,
-                           accountant=args.accountant)
+        sigma, ratio = snr(batch, steps, **kw)
         q = sample_rate(batch, args.records)
         print(f"| {batch} | {q:.3f} | {steps} | {sigma:.3f} | {ratio:,.0f} | {ratio / recipe:.2f} | "
               f"{ratio * gain / recipe:.2f} |")

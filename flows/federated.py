@@ -144,7 +144,7 @@ def new_server_view(cfg: ExperimentConfig) -> dict[str, PrivacyLedger]:
 def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -> dict[str, DpSgdRun]:
     """What the coming round releases, per ledger: the accountant's events, before anything runs.
     Mode distributed: the sum of the uploads, at the sigma a quorum's noise shares add up to."""
-    p, f = cfg.privacy, cfg.federation
+    p = cfg.privacy
     if p.mode == "none":
         return {}
     if p.mode == "client":
@@ -152,22 +152,23 @@ def planned_events(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -
         return {POPULATION: DpSgdRun(client_sample_rate(cfg), plan.server, 1)}
     if p.mode == "distributed":
         assert plan.aggregate is not None
-        return {str(k): DpSgdRun(client_rate(cfg, k), plan.aggregate, 1) for k in clients}
-    return {str(k): DpSgdRun(client_rate(cfg, k), plan.clients[k], f.local_steps) for k in clients}
+        rates = client_rates(cfg)
+        return {str(k): DpSgdRun(rates[k], plan.aggregate, 1) for k in clients}
+    return {str(k): run for k, run in planned_uploads(cfg, plan, clients).items()}  # each upload is the release
 
 
 def planned_uploads(cfg: ExperimentConfig, plan: NoisePlan, clients: list[int]) -> dict[int, DpSgdRun]:
     """What each client's own upload releases, as it reports it (modes sample, distributed, paper); mode
     distributed: at its noise share, the server's view."""
-    f = cfg.federation
     if cfg.privacy.mode in ("none", "client"):
         return {}
-    return {k: DpSgdRun(client_rate(cfg, k), plan.clients[k], f.local_steps) for k in clients}
+    rates = client_rates(cfg)
+    return {k: DpSgdRun(rates[k], plan.clients[k], cfg.federation.local_steps) for k in clients}
 
 
-def client_rate(cfg: ExperimentConfig, k: int) -> float:
-    """Client k's Poisson rate over its records, q = batch_size / n_k."""
-    return sample_rate(cfg.federation.batch_size, client_sizes(cfg)[k])
+def client_rates(cfg: ExperimentConfig) -> list[float]:
+    """Each client's Poisson rate over its records, q = batch_size / n_k (one read of the partition)."""
+    return [sample_rate(cfg.federation.batch_size, n) for n in client_sizes(cfg)]
 
 
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
@@ -306,6 +307,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
             r = state.global_model.round + 1
             clients = sample_round_clients(cfg, r)
             events = planned_events(cfg, state.plan, clients)
+            uploads = planned_uploads(cfg, state.plan, clients)
             stopped = budget_guard(cfg, state, events)
             if stopped:
                 log.warning(stopped)
@@ -313,7 +315,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
             checkpoint = cfg.run_dir / "checkpoint"
             pending = {
                 "round": r, "events": {k: asdict(run) for k, run in events.items()},
-                **({"uploads": {str(k): asdict(run) for k, run in planned_uploads(cfg, state.plan, clients).items()}}
+                **({"uploads": {str(k): asdict(run) for k, run in uploads.items()}}
                    if cfg.privacy.mode == "distributed" else {}),
             }
             save_checkpoint(  # write-ahead: a crash from here on charges this round on resume
@@ -323,7 +325,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 state=state.to_json() | {"config": cfg.flat(), "pending": pending},
                 server_optimizer=state.server_optimizer,
             )
-            run_round(cfg, state, r, clients, events)
+            run_round(cfg, state, r, clients, events, uploads)
             state.train_seconds += time.monotonic() - start
             save_checkpoint(
                 checkpoint,
@@ -376,16 +378,18 @@ def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
     p = cfg.privacy
     if p.mode == "none":
         return describe_guarantee(mode="none", epsilon=math.inf, delta=p.delta, kind=ledger_kind(cfg))
-    sigmas = sorted({round(s, 4) for s in plan.clients.values()} | ({round(plan.server, 4)} if plan.server else set()))
     budget = (
         describe_guarantee(mode=p.mode, epsilon=p.target_epsilon, delta=p.delta, kind=ledger_kind(cfg))
         if p.target_epsilon is not None
         else f"no epsilon cap ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
     )
-    noise = f"noise multiplier {', '.join(map(str, sigmas))}"
     if plan.aggregate is not None:  # mode distributed
-        noise = (f"noise multiplier {plan.aggregate:.4f} for the sum of {quorum(cfg)} uploads, "
+        noise = (f"noise multiplier {plan.aggregate:.4f} for the sum of any {quorum(cfg) - 1} uploads, "
                  f"{max(plan.clients.values()):.4f} in each client's share")
+    else:
+        server = {round(plan.server, 4)} if plan.server else set()
+        sigmas = sorted({round(s, 4) for s in plan.clients.values()} | server)
+        noise = f"noise multiplier {', '.join(map(str, sigmas))}"
     return f"budget {budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
@@ -402,11 +406,14 @@ def progress_bar(**kwargs: Any) -> tqdm[Any]:
     return tqdm(disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
-def run_round(cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun]) -> None:
-    """Train the round's clients, aggregate, validate; record the spent events and the round's row."""
+def run_round(
+    cfg: ExperimentConfig, state: RunState, r: int, clients: list[int], events: dict[str, DpSgdRun],
+    uploads: dict[int, DpSgdRun],
+) -> None:
+    """Train the round's clients, aggregate, validate; record the spent events (per ledger, and each client's
+    own upload, `planned_uploads`) and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
-    uploads = planned_uploads(cfg, state.plan, clients)
     updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, uploads)
     if p.mode == "client":
         assert state.plan.server is not None

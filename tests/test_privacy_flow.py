@@ -163,47 +163,10 @@ def test_adaptive_clipping_budget_it_cannot_pay_for_is_refused_before_training(
         plan_noise.fn(cfg)
 
 
-@pytest.mark.parametrize(("noise_seed", "charged"), [(None, 3), (7, 2)])
-def test_a_round_interrupted_after_release_is_charged_on_resume(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
-    noise_seed: int | None, charged: int,
-) -> None:
-    """Round 2 crashes after the clients uploaded. With OS-entropy noise the re-run is a second release, so the
-    resumed run charges round 2 twice; with a fixed seed the re-run repeats the same release, charged once."""
+def crash_after_round_2_uploads(cfg, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Run the pipeline until round 2's validation, which crashes after the clients uploaded; then un-crash."""
     import flows.federated as federated
 
-    cfg = tiny_config(
-        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
-        privacy__noise_seed=noise_seed, federation__rounds=2,
-    )
-    calls = {"n": 0}
-    real = federated.evaluate
-
-    def crash_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash after the round's uploads")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(federated, "evaluate", crash_in_round_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        dplora_pipeline(cfg)
-    monkeypatch.setattr(federated, "evaluate", real)
-    resumed = federated_finetune(cfg, resume=True)
-    assert [row["round"] for row in resumed["history"]] == [1, 2]
-    assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]
-
-
-def test_distributed_round_interrupted_after_release_is_charged_to_both_views_on_resume(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """As above with OS-entropy noise, in mode distributed: the server saw the lost round's uploads too."""
-    import flows.federated as federated
-
-    cfg = distributed_config(
-        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
-        privacy__noise_seed=None,
-    )
     real, calls = federated.evaluate, {"n": 0}
 
     def crash_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -216,6 +179,34 @@ def test_distributed_round_interrupted_after_release_is_charged_to_both_views_on
     with pytest.raises(RuntimeError, match="simulated crash"):
         dplora_pipeline(cfg)
     monkeypatch.setattr(federated, "evaluate", real)
+
+
+@pytest.mark.parametrize(("noise_seed", "charged"), [(None, 3), (7, 2)])
+def test_a_round_interrupted_after_release_is_charged_on_resume(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
+    noise_seed: int | None, charged: int,
+) -> None:
+    """Round 2 crashes after the clients uploaded. With OS-entropy noise the re-run is a second release, so the
+    resumed run charges round 2 twice; with a fixed seed the re-run repeats the same release, charged once."""
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
+        privacy__noise_seed=noise_seed, federation__rounds=2,
+    )
+    crash_after_round_2_uploads(cfg, monkeypatch)
+    resumed = federated_finetune(cfg, resume=True)
+    assert [row["round"] for row in resumed["history"]] == [1, 2]
+    assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]
+
+
+def test_distributed_round_interrupted_after_release_is_charged_to_both_views_on_resume(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above with OS-entropy noise, in mode distributed: the server saw the lost round's uploads too."""
+    cfg = distributed_config(
+        tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=1.0, privacy__target_epsilon=None,
+        privacy__noise_seed=None,
+    )
+    crash_after_round_2_uploads(cfg, monkeypatch)
     privacy = federated_finetune(cfg, resume=True)["privacy"]
     for view in ("ledgers", "server_view_ledgers"):
         assert [len(ledger["runs"]) for ledger in privacy[view].values()] == [3, 3]
