@@ -33,6 +33,11 @@ class Checkpoint:
     adapter: bytes  # safetensors
     state: dict[str, Any]
     server_optimizer: bytes | None = None  # safetensors: the server optimizer's state (adam), if it has one
+    average: bytes | None = None  # safetensors: the moving average of the global adapters (ema_decay > 0), if kept
+
+
+# The optional safetensors a checkpoint may hold next to its adapter: the state.json key and the file's stem.
+EXTRA_FILES = {"server_optimizer": "server-optimizer", "average": "average"}
 
 
 def adapter_file(directory: Path, round_num: int) -> Path:
@@ -40,21 +45,28 @@ def adapter_file(directory: Path, round_num: int) -> Path:
     return directory / f"adapter-round-{round_num:04d}.safetensors"
 
 
+def average_file(directory: Path, round_num: int) -> Path:
+    """Where round `round_num`'s checkpoint keeps the moving average of the global adapters (ema_decay > 0)."""
+    return directory / f"{EXTRA_FILES['average']}-round-{round_num:04d}.safetensors"
+
+
 def save_checkpoint(
-    directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None
+    directory: Path, *, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None,
+    average: bytes | None = None,
 ) -> None:
-    """Write round `round_num`'s checkpoint (and the server optimizer's state, if any), then drop the previous
-    round's files."""
+    """Write round `round_num`'s checkpoint (and the server optimizer's state and the moving average, if any),
+    then drop the previous round's files."""
     directory.mkdir(parents=True, exist_ok=True)
     name = adapter_file(directory, round_num).name
     atomic_write(directory / name, adapter)
     files = {"adapter": name}
-    if server_optimizer is not None:
-        files["server_optimizer"] = f"server-optimizer-round-{round_num:04d}.safetensors"
-        atomic_write(directory / files["server_optimizer"], server_optimizer)
+    for key, payload in (("server_optimizer", server_optimizer), ("average", average)):
+        if payload is not None:
+            files[key] = f"{EXTRA_FILES[key]}-round-{round_num:04d}.safetensors"
+            atomic_write(directory / files[key], payload)
     atomic_write(directory / STATE, json.dumps({"round": round_num, **files, **state}, indent=2).encode())
-    for pattern in ("adapter-round-*.safetensors", "server-optimizer-round-*.safetensors"):
-        for old in directory.glob(pattern):
+    for stem in ("adapter", *EXTRA_FILES.values()):
+        for old in directory.glob(f"{stem}-round-*.safetensors"):
             if old.name not in files.values():
                 old.unlink()
 
@@ -67,12 +79,11 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     try:
         state = json.loads(path.read_text())
         adapter = (directory / state["adapter"]).read_bytes()
-        optimizer = state.pop("server_optimizer", None)
-        server_optimizer = (directory / optimizer).read_bytes() if optimizer is not None else None
+        extras = {key: (directory / state.pop(key)).read_bytes() for key in EXTRA_FILES if key in state}
         round_num = int(state.pop("round"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    return Checkpoint(round=round_num, adapter=adapter, state=state, server_optimizer=server_optimizer)
+    return Checkpoint(round=round_num, adapter=adapter, state=state, **extras)
 
 
 def unfinished(directory: Path) -> str | None:

@@ -170,6 +170,13 @@ class FederationConfig(_Strict):
         "server_learning_rate x r / (server_warmup_rounds + 1) until that reaches 1 (0: none). Adam's first steps "
         "move every coordinate by about the rate, whatever the noise.",
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="The adapter evaluated each round and released at the end: the global adapter (0), or the "
+        "exponential moving average of the global adapters so far, ema_r = ema_decay ema_(r-1) + (1 - ema_decay) "
+        "x_r from ema_1 = x_1 (Polyak averaging of iterates; under DP noise it averages out the noise walk of the "
+        "last rounds). Clients still train from x_r. Post-processing of the rounds released: no privacy cost.",
+    )
     server_optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="The server's step on the aggregated update: sgd (x + eta (mean - x)) or adam (FedAdam, "
         "Reddi et al. 2021: moments kept across rounds and in checkpoints). Post-processing.",

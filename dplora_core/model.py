@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,35 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         if cfg.freeze_a and "lora_A" in name:
             p.requires_grad_(False)
     return peft_model
+
+
+@contextmanager
+def adapter_disabled(model: PeftModel) -> Iterator[None]:
+    """peft's `disable_adapter()` (the base model alone), keeping which weights train.
+
+    On exit peft re-enables the adapter layers and marks every adapter weight trainable
+    (`BaseTuner.set_adapter`), which unfreezes a frozen A (lora.freeze_a) for every later run in the process.
+    """
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+
+
+def check_trainable(model: PeftModel, cfg: LoraConfig) -> None:
+    """ValueError unless exactly the LoRA weights the config trains require grad (A only without freeze_a)."""
+    wrong = [
+        name for name, p in model.named_parameters()
+        if p.requires_grad != ("lora_B" in name or ("lora_A" in name and not cfg.freeze_a))
+    ]
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} weights would train against lora.freeze_a={cfg.freeze_a} (e.g. {wrong[0]}): something "
+            "changed requires_grad on the shared model"
+        )
 
 
 def init_lora_state(model: PeftModel, *, seed: int, init_a: LoraInitA = "kaiming") -> dict[str, torch.Tensor]:

@@ -141,6 +141,26 @@ def adam_direction(state: AdamState, *, betas: tuple[float, float], eps: float) 
     return {k: (state.m[k] / c1) / ((state.v[k] / c2).sqrt() + eps) for k in state.m}
 
 
+def moving_average(average: AdapterState | None, current: AdapterState, *, decay: float) -> AdapterState:
+    """decay average + (1 - decay) current, per tensor; `current` itself when there is no average yet.
+
+    The exponential moving average of the global adapters (Polyak and Juditsky 1992; under DP-SGD,
+    De et al. 2022, "Unlocking High-Accuracy Differentially Private Image Classification through Scale",
+    Sec. 3.2). A function of adapters already released: post-processing, no privacy cost.
+    """
+    if average is None:
+        return {k: v.float().clone() for k, v in current.items()}
+    if average.keys() != current.keys():
+        raise ValueError(
+            f"moving average: it holds {len(average)} tensors, the adapter {len(current)}; "
+            f"e.g. {sorted(average.keys() ^ current.keys())[:2]}"
+        )
+    for k, x in current.items():
+        if average[k].shape != x.shape:
+            raise ValueError(f"moving average: {k} has shape {tuple(average[k].shape)}, the adapter {tuple(x.shape)}")
+    return {k: decay * average[k].float() + (1 - decay) * x.float() for k, x in current.items()}
+
+
 @dataclass
 class AdaptiveClipping:
     """Andrew et al. 2021: move the clip norm towards a quantile of the clients' update norms."""

@@ -24,6 +24,7 @@ from dplora_core.checkpoint import (
     Checkpoint,
     CheckpointError,
     adapter_file,
+    average_file,
     config_changes,
     load_checkpoint,
     save_checkpoint,
@@ -51,6 +52,7 @@ from tasks.training import (
     NoisePlan,
     aggregate,
     aggregate_private,
+    average_releases,
     client_sample_rate,
     evaluate,
     full_model_bytes,
@@ -78,10 +80,16 @@ class RunState:
     # mode distributed: what the server, which sees each upload with its noise share only, can learn (per client)
     server_view: dict[str, PrivacyLedger] = field(default_factory=dict)
     server_optimizer: bytes | None = None  # the server optimizer's state for the next round (adam), safetensors
+    average: bytes | None = None  # the moving average of the global adapters (federation.ema_decay > 0), safetensors
     bytes_up: int = 0
     bytes_down: int = 0
     client_rounds: int = 0  # client participations, for the full-model exchange comparison
     train_seconds: float = 0.0
+
+    @property
+    def released(self) -> bytes:
+        """The adapter validated each round and released at the end: the moving average if kept, else the global."""
+        return self.average if self.average is not None else self.global_model.adapter
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,7 +107,8 @@ class RunState:
 
     @classmethod
     def from_json(
-        cls, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None
+        cls, round_num: int, adapter: bytes, state: dict[str, Any], server_optimizer: bytes | None = None,
+        average: bytes | None = None,
     ) -> RunState:
         saved = state["plan"]
         plan = NoisePlan({int(k): v for k, v in saved["clients"].items()}, saved["server"], saved.get("aggregate"))
@@ -116,6 +125,7 @@ class RunState:
             train_seconds=state["train_seconds"],
             server_view={k: PrivacyLedger.from_state_dict(v) for k, v in state.get("server_view_ledgers", {}).items()},
             server_optimizer=server_optimizer,
+            average=average,
         )
 
 
@@ -229,11 +239,15 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
             f"{directory}: cannot resume, config changed since the checkpoint: {', '.join(changed)}"
         )
     try:
-        state = RunState.from_json(checkpoint.round, checkpoint.adapter, checkpoint.state, checkpoint.server_optimizer)
+        state = RunState.from_json(
+            checkpoint.round, checkpoint.adapter, checkpoint.state, checkpoint.server_optimizer, checkpoint.average
+        )
         if cfg.privacy.mode == "distributed" and not state.server_view:
             raise ValueError("mode distributed, but no server-view ledgers")
         if cfg.federation.server_optimizer == "adam" and checkpoint.round > 0 and state.server_optimizer is None:
             raise ValueError("server_optimizer adam, but no server optimizer state after round 1")
+        if cfg.federation.ema_decay > 0 and checkpoint.round > 0 and state.average is None:
+            raise ValueError("federation.ema_decay > 0, but no moving average after round 1")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{directory}: cannot resume, its run state is incomplete or malformed "
@@ -256,7 +270,7 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     run.reopen()
     if state.history and not run.has_metric("val_accuracy", step=checkpoint.round):
         # killed between the round's checkpoint and its tracking: MLflow gets the round now
-        track_round(state, run, adapter_file(directory, checkpoint.round))
+        track_round(state, run, directory)
     return state, run
 
 
@@ -324,6 +338,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat(), "pending": pending},
                 server_optimizer=state.server_optimizer,
+                average=state.average,
             )
             run_round(cfg, state, r, clients, events, uploads)
             state.train_seconds += time.monotonic() - start
@@ -333,8 +348,9 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 adapter=state.global_model.adapter,
                 state=state.to_json() | {"config": cfg.flat()},
                 server_optimizer=state.server_optimizer,
+                average=state.average,
             )
-            row = track_round(state, run, adapter_file(checkpoint, r))
+            row = track_round(state, run, checkpoint)
             rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
             rounds_bar.update()
             log.info(
@@ -357,8 +373,9 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     return summary
 
 
-def track_round(state: RunState, run: ExperimentRun, adapter: Path) -> dict[str, Any]:
-    """The round just finished, into MLflow: its numbers (per client too), failures, ledgers and adapter."""
+def track_round(state: RunState, run: ExperimentRun, checkpoint: Path) -> dict[str, Any]:
+    """The round just finished, into MLflow: its numbers (per client too), failures, ledgers, global adapter and
+    moving average (if kept), from its checkpoint directory."""
     row = state.history[-1]
     r = row["round"]
     numbers = {k: v for k, v in row.items() if isinstance(v, float | int) and k != "round"}
@@ -369,7 +386,9 @@ def track_round(state: RunState, run: ExperimentRun, adapter: Path) -> dict[str,
         run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
     ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
     run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
-    run.log_artifact(adapter, "adapters")
+    run.log_artifact(adapter_file(checkpoint, r), "adapters")
+    if state.average is not None:
+        run.log_artifact(average_file(checkpoint, r), "adapters")
     return row
 
 
@@ -423,7 +442,8 @@ def run_round(
     else:
         new_model, state.server_optimizer = aggregate(cfg, global_model, updates, state.server_optimizer)
     charge_round(cfg, state, events, uploads, released=released, aggregated={u.client_id for u in updates})
-    val = evaluate(cfg, new_model.adapter, "validation")
+    state.average = average_releases(cfg, state.average, new_model)
+    val = evaluate(cfg, state.average if state.average is not None else new_model.adapter, "validation")
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
     _, server_view = spent_epsilon(cfg, state.server_view)
     round_down = len(global_model.adapter) * len(clients)
@@ -571,7 +591,7 @@ def write_outputs(
     dtypes = client_base_dtypes(cfg, state.history)
     out = cfg.run_dir
     adapter_path = out / "adapter.safetensors"
-    atomic_write(adapter_path, state.global_model.adapter)
+    atomic_write(adapter_path, state.released)
     summary = {
         "name": cfg.name,
         "mlflow_run_id": run.run_id,

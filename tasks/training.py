@@ -30,7 +30,7 @@ from dplora_core.config import ExperimentConfig, check_delta
 from dplora_core.data import Example
 from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
-from dplora_core.model import init_lora_state
+from dplora_core.model import adapter_disabled, check_trainable, init_lora_state
 from dplora_core.prefix import FrozenPrefix
 from dplora_core.privacy.accountant import DpSgdRun, calibrate_noise_multiplier, paper_noise_multiplier
 from dplora_core.privacy.client_level import update_noise_multiplier
@@ -43,6 +43,7 @@ from dplora_core.strategy import (
     ServerAdam,
     ServerStep,
     Strategy,
+    moving_average,
 )
 from dplora_core.train import (
     DpSgdParams,
@@ -212,6 +213,7 @@ def local_update(
     generator = noise_generator(seed, round_num, client_id, device=device)
     start = from_bytes(global_model.adapter, source="global adapter")
     with ws.lock:
+        check_trainable(ws.model, cfg.lora)
         load_adapter_state(ws.model, start, source="global adapter")
         result = train_round(cfg, ws, data, round_num, generator=generator, dp=dp, prefix=prefix)
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
@@ -368,6 +370,20 @@ def aggregate_private(
     return model, dp_fedavg.clip_norm, server_state_of(strategy)
 
 
+@task(name="average-releases", cache_policy=NO_CACHE)
+def average_releases(cfg: ExperimentConfig, average: bytes | None, global_model: GlobalModel) -> bytes | None:
+    """The moving average of the global adapters after this round (federation.ema_decay > 0), else None."""
+    decay = cfg.federation.ema_decay
+    if decay == 0:
+        return None
+    freeze_a = cfg.lora.freeze_a  # a frozen A stays bit-exact: only the tensors that train are averaged
+    previous = None if average is None else upload_state(
+        from_bytes(average, source="the checkpoint's moving average"), freeze_a=freeze_a
+    )
+    current = from_bytes(global_model.adapter, source=f"round {global_model.round}'s global adapter")
+    return to_bytes(current | moving_average(previous, upload_state(current, freeze_a=freeze_a), decay=decay))
+
+
 def count_stddev(cfg: ExperimentConfig) -> float:
     """Noise std of the unclipped-client count in adaptive clipping (default: expected clients / 20)."""
     p = cfg.privacy
@@ -424,7 +440,7 @@ def score_prompts(
     label_ids, batch_size = label_ids_of(cfg), cfg.evaluation.batch_size
     with ws.lock:
         if adapter is None:
-            with ws.model.disable_adapter():
+            with adapter_disabled(ws.model):
                 return label_scores(
                     ws.model, prompts, label_ids, pad_id=ws.pad_id, batch_size=batch_size, prefix=prefix
                 )

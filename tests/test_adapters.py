@@ -8,7 +8,7 @@ import torch
 
 from dplora_core.adapters import AdapterError, adapter_state, from_bytes, load_adapter_state, to_bytes
 from dplora_core.config import LoraConfig, ModelConfig
-from dplora_core.model import attach_lora, init_lora_state, load_base_model
+from dplora_core.model import adapter_disabled, attach_lora, check_trainable, init_lora_state, load_base_model
 
 
 def lora_model(model_dir: Path):
@@ -43,6 +43,32 @@ def test_initial_adapter_is_the_base_model(tiny_model_dir: Path) -> None:
     with model.disable_adapter():
         base = model(input_ids=ids).logits
     torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+FROZEN_A = LoraConfig(rank=2, alpha=4, freeze_a=True)
+
+
+def frozen_a_model(model_dir: Path):
+    base, _ = load_base_model(ModelConfig(path=str(model_dir), gguf_file=None, device="cpu"))
+    return attach_lora(base, FROZEN_A)
+
+
+def test_scoring_the_base_model_leaves_a_frozen_a_frozen(tiny_model_dir: Path) -> None:
+    model = frozen_a_model(tiny_model_dir)
+    with adapter_disabled(model):
+        model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    check_trainable(model, FROZEN_A)  # raises if A trains
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_A" in name)
+
+
+def test_peft_disable_adapter_alone_unfreezes_a_and_training_refuses_the_model(tiny_model_dir: Path) -> None:
+    """Why adapter_disabled exists: on exit peft marks every adapter weight trainable; check_trainable (run before
+    each client trains) names it instead of training A against lora.freeze_a."""
+    model = frozen_a_model(tiny_model_dir)
+    with model.disable_adapter():
+        pass
+    with pytest.raises(ValueError, match=r"would train against lora.freeze_a=True \(e.g. .*lora_A"):
+        check_trainable(model, FROZEN_A)
 
 
 def test_load_rejects_missing_and_unexpected_keys(tiny_model_dir: Path) -> None:

@@ -26,6 +26,17 @@ def test_latest_checkpoint_round_trips_and_older_adapters_are_dropped(tmp_path: 
     assert sorted(p.name for p in tmp_path.glob("adapter-round-*")) == ["adapter-round-0002.safetensors"]
 
 
+def test_the_server_optimizer_and_the_moving_average_travel_with_their_round(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, round_num=1, adapter=b"one", state={}, server_optimizer=b"adam1", average=b"avg1")
+    save_checkpoint(tmp_path, round_num=2, adapter=b"two", state={}, server_optimizer=b"adam2", average=b"avg2")
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None and (checkpoint.server_optimizer, checkpoint.average) == (b"adam2", b"avg2")
+    assert "average" not in checkpoint.state and "server_optimizer" not in checkpoint.state
+    assert sorted(p.name for p in tmp_path.glob("*-round-*")) == [
+        "adapter-round-0002.safetensors", "average-round-0002.safetensors", "server-optimizer-round-0002.safetensors"
+    ]
+
+
 def test_a_kill_during_the_next_write_leaves_the_previous_checkpoint_usable(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, round_num=1, adapter=b"one", state={"ledgers": {}})
     # What a SIGKILL mid-write leaves: the next adapter half written, the next state torn, neither renamed.

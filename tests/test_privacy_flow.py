@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from opacus.accountants.analysis import rdp as opacus_rdp
 
+from dplora_core.adapters import from_bytes
 from dplora_core.checkpoint import CheckpointError, load_checkpoint
 from dplora_core.data import partition_iid
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
@@ -17,6 +19,7 @@ from dplora_core.strategy import AdamState
 from flows.federated import federated_finetune
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
+from tasks.training import evaluate
 from tests.helpers import tiny_config
 
 ORDERS = list(make_accountant("rdp").orders)  # type: ignore[attr-defined]
@@ -285,6 +288,53 @@ def test_distributed_run_resumed_after_round_one_ends_where_an_uninterrupted_one
     assert resumed["rounds"] == 2
     adapter = "adapter.safetensors"
     assert (halves.run_dir / adapter).read_bytes() == (straight.run_dir / adapter).read_bytes()
+
+
+def test_moving_average_is_validated_released_and_resumed(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """federation.ema_decay: each round validates the average of the global adapters so far (both in MLflow),
+    adapter.safetensors is the last one (a frozen A bit-exact), and a run resumed after round 1 ends
+    byte-identical (fixed noise)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__ema_decay=0.25, lora__freeze_a=True,
+                      privacy__noise_multiplier=1.0)
+    straight = cfg.model_copy(update={"name": "straight"})
+    metrics = dplora_pipeline(straight)
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+
+    def logged(name: str) -> dict[str, torch.Tensor]:
+        path = client.download_artifacts(metrics["mlflow_run_id"], f"adapters/{name}", str(tmp_path / "dl"))
+        return from_bytes(Path(path).read_bytes(), source=name)
+
+    x1, x2 = logged("adapter-round-0001.safetensors"), logged("adapter-round-0002.safetensors")
+    assert all(torch.equal(v, x1[k]) for k, v in logged("average-round-0001.safetensors").items())
+    released = (straight.run_dir / "adapter.safetensors").read_bytes()
+    average = from_bytes(released, source="released")
+    for k in average:
+        if ".lora_A." in k:
+            assert torch.equal(average[k], x2[k])
+        else:
+            torch.testing.assert_close(average[k], 0.25 * x1[k] + 0.75 * x2[k])
+            assert not torch.equal(average[k], x2[k])  # B moved in round 2: the average is not the last adapter
+    history = json.loads((straight.run_dir / "training.json").read_text())["history"]
+    assert history[-1]["val_loss"] == pytest.approx(evaluate.fn(straight, released, "validation")["loss"])
+    halves = cfg.model_copy(update={"name": "halves", "federation": cfg.federation.model_copy(update={"rounds": 1})})
+    dplora_pipeline(halves)
+    federated_finetune(halves.model_copy(update={"federation": straight.federation}), resume=True)
+    assert (halves.run_dir / "adapter.safetensors").read_bytes() == released
+
+
+def test_a_second_identical_run_in_the_same_process_ends_with_the_same_adapter(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """A study runs its cells in one process on one shared model: nothing a run leaves on it (here the first run's
+    zero-shot scoring, which once left a frozen A trainable) may change the next (fixed noise seed, freeze_a)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, lora__freeze_a=True, privacy__noise_multiplier=1.0)
+    first, second = (cfg.model_copy(update={"name": name}) for name in ("first", "second"))
+    dplora_pipeline(first)
+    dplora_pipeline(second)
+    adapter = "adapter.safetensors"
+    assert (first.run_dir / adapter).read_bytes() == (second.run_dir / adapter).read_bytes()
 
 
 def test_distributed_refuses_a_client_smaller_than_the_batch_before_training(

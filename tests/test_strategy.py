@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dplora_core.adapters import to_bytes
-from dplora_core.strategy import AdamState, DpFedAvgServerSide, FedAvg, ServerAdam, ServerStep
+from dplora_core.strategy import AdamState, DpFedAvgServerSide, FedAvg, ServerAdam, ServerStep, moving_average
 from tasks.training import server_state_of, with_server_step
 from tests.helpers import tiny_config
 
@@ -110,3 +110,21 @@ def test_server_warmup_ramps_the_servers_rate_over_the_first_rounds(tmp_path: Pa
     first = with_server_step(sgd, FedAvg(), round_num=1)
     assert isinstance(first, ServerStep) and first.learning_rate == pytest.approx(0.5)
     assert isinstance(with_server_step(sgd, FedAvg(), round_num=2), FedAvg)  # rate 1 after it: plain FedAvg
+
+
+def test_moving_average_starts_at_the_first_adapter_then_decays_towards_each_new_one() -> None:
+    first = moving_average(None, state(2.0), decay=0.75)
+    for k in first:
+        torch.testing.assert_close(first[k], torch.full_like(first[k], 2.0))
+    second = moving_average(first, state(6.0), decay=0.75)  # 0.75 x 2 + 0.25 x 6
+    for k in second:
+        torch.testing.assert_close(second[k], torch.full_like(second[k], 3.0))
+
+
+@pytest.mark.parametrize(("average", "error"), [
+    ({"a": torch.zeros(2, 3)}, "it holds 1 tensors, the adapter 2; e.g. ['b']"),
+    ({"a": torch.zeros(2, 3), "b": torch.zeros(1)}, "b has shape (1,), the adapter (3,)"),
+])
+def test_moving_average_refuses_an_average_of_another_adapter(average: dict[str, torch.Tensor], error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        moving_average(average, state(1.0), decay=0.5)
