@@ -10,8 +10,9 @@ must exist: run the cell first) and, at the round-0 adapter or the given one, pr
 averaging) and the cosine of that mean with each label's own clipped mean. DP-SGD's noise on that mean
 is sigma C sqrt(d) / B whatever the gradients, so this ratio bounds the signal side of the signal-to-noise
 ratio. It is not all useful signal: clipping every example (C far below the norms) grows it with a push
-towards the majority class, and runs at C = 0.1 collapsed to that class (docs/results.md, "Clipping and
-batch"). Run it on tuning data only: a choice of C read off private records is itself a release that no
+towards the majority class (the cosines show it; docs/results.md, "Clipping and batch": the runs at C = 0.1
+that collapsed to that class also trained A by a since-fixed bug, so they do not show it). Run it on tuning
+data only: a choice of C read off private records is itself a release that no
 accountant here charges.
 """
 
