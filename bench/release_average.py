@@ -4,8 +4,9 @@ finished runs, from the per-round global adapters each run logged to MLflow.
     python bench/release_average.py outputs/recipe-fp32-dp-eps8-ffa10-svd-dist-s5 [...] [--decays 0 0.5 0.7 0.9]
 
 For each run and decay it prints the validation accuracy and loss of ema_R (R the run's last round),
-ema_r = decay ema_(r-1) + (1 - decay) x_r from ema_1 = x_1; decay 0 is the run's own last adapter, a check
-that the numbers reproduce the run's. Post-processing of released adapters: no privacy cost. Validation
+ema_r = decay ema_(r-1) + (1 - decay) x_r from ema_1 = x_1, over the global adapters x_r; decay 0 is the
+last global adapter, which for a run without ema_decay is what it released (a check that the numbers
+reproduce the run's). Post-processing of released adapters: no privacy cost. Validation
 data only, on tuning seeds: the decay is a choice, and the test split must not make it.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from dplora_core.adapters import AdapterState, from_bytes, to_bytes, upload_state
-from dplora_core.config import ExperimentConfig
+from dplora_core.config import ExperimentConfig, predating_fields
 from dplora_core.strategy import moving_average
 from tasks.training import evaluate
 
@@ -53,7 +54,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(args.decays))
     for run in args.runs:
         training = json.loads((run / "training.json").read_text())
-        cfg = ExperimentConfig.model_validate(training["config"])
+        cfg = ExperimentConfig.model_validate(predating_fields(training["config"]))  # as it ran
         adapters = round_adapters(cfg, training["mlflow_run_id"], training["rounds"])
         cells = []
         for decay in args.decays:

@@ -46,7 +46,7 @@ from dplora_core.train import sample_rate
 from flows.report import label_histogram_plot
 from flows.runners import task_runner
 from flows.tracking import ExperimentRun
-from tasks.runtime import client_sizes
+from tasks.runtime import check_shared_model, client_sizes
 from tasks.silos import publish_global, train_remote
 from tasks.training import (
     NoisePlan,
@@ -433,6 +433,7 @@ def run_round(
     own upload, `planned_uploads`) and the round's row."""
     p = cfg.privacy
     global_model = state.global_model
+    check_shared_model(cfg)  # a model that would train the wrong weights stops the run, not just its clients
     updates, failed, released = train_round_clients(cfg, r, clients, global_model, state.plan, uploads)
     if p.mode == "client":
         assert state.plan.server is not None
@@ -442,8 +443,8 @@ def run_round(
     else:
         new_model, state.server_optimizer = aggregate(cfg, global_model, updates, state.server_optimizer)
     charge_round(cfg, state, events, uploads, released=released, aggregated={u.client_id for u in updates})
-    state.average = average_releases(cfg, state.average, new_model)
-    val = evaluate(cfg, state.average if state.average is not None else new_model.adapter, "validation")
+    average = average_releases(cfg, state.average, new_model) if cfg.federation.ema_decay > 0 else None
+    val = evaluate(cfg, average if average is not None else new_model.adapter, "validation")
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
     _, server_view = spent_epsilon(cfg, state.server_view)
     round_down = len(global_model.adapter) * len(clients)
@@ -451,7 +452,7 @@ def run_round(
     state.bytes_down += round_down
     state.bytes_up += round_up
     state.client_rounds += len(clients)
-    state.global_model = new_model
+    state.global_model, state.average = new_model, average
     private = participation_is_private(cfg)
     state.history.append(
         {

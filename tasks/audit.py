@@ -12,7 +12,7 @@ from dplora_core.adapters import load_adapter_state
 from dplora_core.batching import Encoded
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import Example
-from dplora_core.model import init_lora_state
+from dplora_core.model import check_trainable, init_lora_state
 from dplora_core.privacy.accountant import PrivacyLedger
 from dplora_core.privacy.canaries import canary_scores
 from dplora_core.privacy.mechanisms import noise_generator
@@ -63,6 +63,7 @@ def train_and_score(
     label_ids = label_ids_of(cfg)
     ledger = PrivacyLedger(kind=p.accountant) if dp is not None else None
     with ws.lock:
+        check_trainable(ws.model, cfg.lora)
         initial = init_lora_state(ws.model, seed=f.seed, init_a=cfg.lora.init_a)
         load_adapter_state(ws.model, initial, source="initial adapter")
         for round_num in range(1, f.rounds + 1):  # the client's schedule in the federation: rounds of local steps

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from dplora_core.batching import Encoded, encode, label_token_ids
 from dplora_core.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
 from dplora_core.data import DataError, Example, TaskSpec, read_jsonl, stratified_sample, task_spec
-from dplora_core.model import attach_lora, dtype_name, load_base_model
+from dplora_core.model import attach_lora, check_trainable, dtype_name, load_base_model
 from dplora_core.prefix import FrozenPrefix, frozen_layers, prefix_states
 
 
@@ -122,6 +122,14 @@ def split_encoded(model_cfg: ModelConfig, lora_cfg: LoraConfig, data: DataConfig
         encode(e, task, tokenizer, max_len=model_cfg.max_seq_len, with_answer=split == "train")
         for e in split_examples(data, split)
     )
+
+
+def check_shared_model(cfg: ExperimentConfig) -> None:
+    """ValueError unless this process's shared model trains exactly the weights `cfg.lora` says (see
+    `check_trainable`; each client checks its own process's model again before it trains)."""
+    ws = workspace(cfg.model, cfg.lora)
+    with ws.lock:
+        check_trainable(ws.model, cfg.lora)
 
 
 def client_data(cfg: ExperimentConfig, client_id: int) -> tuple[Encoded, ...]:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dplora_core.adapters import to_bytes
+from dplora_core.adapters import from_bytes, to_bytes
+from dplora_core.messages import GlobalModel
 from dplora_core.strategy import AdamState, DpFedAvgServerSide, FedAvg, ServerAdam, ServerStep, moving_average
-from tasks.training import server_state_of, with_server_step
+from tasks.training import average_releases, server_state_of, with_server_step
 from tests.helpers import tiny_config
 
 
@@ -128,3 +129,15 @@ def test_moving_average_starts_at_the_first_adapter_then_decays_towards_each_new
 def test_moving_average_refuses_an_average_of_another_adapter(average: dict[str, torch.Tensor], error: str) -> None:
     with pytest.raises(ValueError, match=re.escape(error)):
         moving_average(average, state(1.0), decay=0.5)
+
+
+def test_the_released_average_copies_a_frozen_a_from_the_global_adapter(tmp_path: Path) -> None:
+    """Under freeze_a only B is averaged: A is the global adapter's, bit for bit, whatever the stored average holds."""
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path, lora__freeze_a=True, federation__ema_decay=0.5)
+    current = {"m.lora_A.weight": torch.full((2, 3), 1.0), "m.lora_B.weight": torch.full((3, 2), 4.0)}
+    stored = {"m.lora_A.weight": torch.full((2, 3), 9.0), "m.lora_B.weight": torch.full((3, 2), 2.0)}
+    released = average_releases.fn(cfg, to_bytes(stored), GlobalModel(round=2, adapter=to_bytes(current)))
+    assert released is not None
+    average = from_bytes(released, source="test")
+    assert torch.equal(average["m.lora_A.weight"], current["m.lora_A.weight"])
+    torch.testing.assert_close(average["m.lora_B.weight"], torch.full((3, 2), 3.0))
