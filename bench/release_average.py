@@ -19,30 +19,28 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from dplora_core.adapters import AdapterState, from_bytes, to_bytes, upload_state
 from dplora_core.config import ExperimentConfig, predating_fields
-from dplora_core.strategy import moving_average
-from tasks.training import evaluate
+from dplora_core.messages import GlobalModel
+from tasks.training import average_releases, evaluate
 
 
-def round_adapters(cfg: ExperimentConfig, run_id: str, rounds: int) -> list[AdapterState]:
+def round_adapters(cfg: ExperimentConfig, run_id: str, rounds: int) -> list[bytes]:
     """The global adapter after each round, as the run logged it (MLflow artifacts adapters/adapter-round-*)."""
     client = MlflowClient(cfg.tracking.mlflow_uri)
     with tempfile.TemporaryDirectory() as tmp:
         return [
-            from_bytes(Path(client.download_artifacts(run_id, f"adapters/adapter-round-{r:04d}.safetensors", tmp))
-                       .read_bytes(), source=f"{run_id} round {r}")
+            Path(client.download_artifacts(run_id, f"adapters/adapter-round-{r:04d}.safetensors", tmp)).read_bytes()
             for r in range(1, rounds + 1)
         ]
 
 
-def averaged(adapters: list[AdapterState], decay: float, *, freeze_a: bool) -> bytes:
-    """ema_R over the rounds' adapters, as the flow computes it (a frozen A copied, not averaged)."""
-    average: AdapterState | None = None
-    for x in adapters:
-        average = moving_average(average, upload_state(x, freeze_a=freeze_a), decay=decay)
-    assert average is not None
-    return to_bytes(adapters[-1] | average)
+def averaged(cfg: ExperimentConfig, adapters: list[bytes], decay: float) -> bytes:
+    """ema_R over the rounds' adapters, computed by the flow's own task (decay 0: the last adapter)."""
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"ema_decay": decay})})
+    average: bytes | None = None
+    for r, adapter in enumerate(adapters, 1):
+        average = average_releases.fn(cfg, average, GlobalModel(round=r, adapter=adapter))
+    return average if average is not None else adapters[-1]
 
 
 def main() -> None:
@@ -58,7 +56,7 @@ def main() -> None:
         adapters = round_adapters(cfg, training["mlflow_run_id"], training["rounds"])
         cells = []
         for decay in args.decays:
-            val = evaluate.fn(cfg, averaged(adapters, decay, freeze_a=cfg.lora.freeze_a), "validation")
+            val = evaluate.fn(cfg, averaged(cfg, adapters, decay), "validation")
             cells.append(f"{val['accuracy']:.3f} ({val['loss']:.3f})")
         print(f"| {run.name} | {training['rounds']} | " + " | ".join(cells) + " |", flush=True)
 

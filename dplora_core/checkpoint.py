@@ -40,14 +40,19 @@ class Checkpoint:
 EXTRA_FILES = {"server_optimizer": "server-optimizer", "average": "average"}
 
 
+def round_file(directory: Path, stem: str, round_num: int) -> Path:
+    """Where round `round_num`'s checkpoint keeps one of its safetensors files, e.g. stem "adapter"."""
+    return directory / f"{stem}-round-{round_num:04d}.safetensors"
+
+
 def adapter_file(directory: Path, round_num: int) -> Path:
     """Where round `round_num`'s checkpoint keeps its global adapter."""
-    return directory / f"adapter-round-{round_num:04d}.safetensors"
+    return round_file(directory, "adapter", round_num)
 
 
 def average_file(directory: Path, round_num: int) -> Path:
     """Where round `round_num`'s checkpoint keeps the moving average of the global adapters (ema_decay > 0)."""
-    return directory / f"{EXTRA_FILES['average']}-round-{round_num:04d}.safetensors"
+    return round_file(directory, EXTRA_FILES["average"], round_num)
 
 
 def save_checkpoint(
@@ -62,7 +67,7 @@ def save_checkpoint(
     files = {"adapter": name}
     for key, payload in (("server_optimizer", server_optimizer), ("average", average)):
         if payload is not None:
-            files[key] = f"{EXTRA_FILES[key]}-round-{round_num:04d}.safetensors"
+            files[key] = round_file(directory, EXTRA_FILES[key], round_num).name
             atomic_write(directory / files[key], payload)
     atomic_write(directory / STATE, json.dumps({"round": round_num, **files, **state}, indent=2).encode())
     for stem in ("adapter", *EXTRA_FILES.values()):
