@@ -443,8 +443,10 @@ def run_round(
     else:
         new_model, state.server_optimizer = aggregate(cfg, global_model, updates, state.server_optimizer)
     charge_round(cfg, state, events, uploads, released=released, aggregated={u.client_id for u in updates})
-    average = average_releases(cfg, state.average, new_model) if cfg.federation.ema_decay > 0 else None
-    val = evaluate(cfg, average if average is not None else new_model.adapter, "validation")
+    if cfg.federation.ema_decay > 0:
+        state.average = average_releases(cfg, state.average, new_model)
+    state.global_model = new_model
+    val = evaluate(cfg, state.released, "validation")
     epsilon, per_ledger = spent_epsilon(cfg, state.ledgers)
     _, server_view = spent_epsilon(cfg, state.server_view)
     round_down = len(global_model.adapter) * len(clients)
@@ -452,7 +454,6 @@ def run_round(
     state.bytes_down += round_down
     state.bytes_up += round_up
     state.client_rounds += len(clients)
-    state.global_model, state.average = new_model, average
     private = participation_is_private(cfg)
     state.history.append(
         {
