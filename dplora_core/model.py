@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dplora_core.config import LoraConfig, LoraInitA, ModelConfig
@@ -121,6 +122,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         if cfg.last_n_layers > n_layers:
             raise ValueError(f"lora.last_n_layers ({cfg.last_n_layers}) exceeds the model's {n_layers} layers")
         layers = list(range(n_layers - cfg.last_n_layers, n_layers))
+    check_targets_are_linear(model, cfg.target_modules)
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
@@ -136,6 +138,22 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         if cfg.freeze_a and "lora_A" in name:
             p.requires_grad_(False)
     return peft_model
+
+
+def check_targets_are_linear(model: nn.Module, targets: Sequence[str]) -> None:
+    """ValueError naming `lora.target_modules` unless each name matches (as peft does: the module's name or its
+    last dotted parts) at least one module, and only nn.Linear ones: the per-example gradients of DP-SGD exist
+    for Linear layers only."""
+    for target in targets:
+        matches = [(name, m) for name, m in model.named_modules() if name == target or name.endswith("." + target)]
+        if not matches:
+            raise ValueError(f"lora.target_modules: {target!r} names no module of the model")
+        other = [(name, type(m).__name__) for name, m in matches if not isinstance(m, nn.Linear)]
+        if other:
+            raise ValueError(
+                f"lora.target_modules: {target!r} matches {other[0][0]}, a {other[0][1]}; only Linear layers "
+                "can be adapted (DP-SGD's per-example gradients are computed for Linear layers)"
+            )
 
 
 @contextmanager

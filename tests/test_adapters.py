@@ -136,3 +136,15 @@ def test_the_federation_starts_from_the_configured_initial_a(
     initial = from_bytes(init_adapter.fn(cfg).adapter, source="test")
     for key, value in expected.items():
         torch.testing.assert_close(initial[key], value)
+
+
+def test_a_target_module_that_is_not_linear_is_refused_naming_the_field(tiny_model_dir: Path) -> None:
+    base, _ = load_base_model(ModelConfig(path=str(tiny_model_dir), gguf_file=None, device="cpu"))
+    with pytest.raises(ValueError, match=r"lora.target_modules: 'embed_tokens' matches .*Embedding"):
+        attach_lora(base, LoraConfig(rank=2, alpha=4, target_modules=("q_proj", "embed_tokens")))
+
+
+def test_a_target_module_the_model_lacks_is_refused_naming_the_field(tiny_model_dir: Path) -> None:
+    base, _ = load_base_model(ModelConfig(path=str(tiny_model_dir), gguf_file=None, device="cpu"))
+    with pytest.raises(ValueError, match=r"lora.target_modules: 'c_attn' names no module"):
+        attach_lora(base, LoraConfig(rank=2, alpha=4, target_modules=("c_attn",)))
