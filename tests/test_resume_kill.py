@@ -1,4 +1,5 @@
-"""SIGKILL in the middle of a round, then `--resume`: same final adapter, each round charged once."""
+"""Stopping a run in the middle of a round: SIGKILL then `--resume` gives the same final adapter, each round
+charged once; SIGTERM exits in order, leaving no process behind."""
 
 from __future__ import annotations
 
@@ -70,3 +71,36 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     assert summaries[1]["privacy"]["ledgers"] == summaries[0]["privacy"]["ledgers"]  # 2 rounds, each once
     assert summaries[1]["privacy"]["epsilon"] == summaries[0]["privacy"]["epsilon"]
     assert summaries[1]["mlflow_run_id"] == at_kill["mlflow_run_id"]  # the resumed run continues the same MLflow run
+
+
+def test_sigterm_mid_round_exits_143_and_stops_the_temporary_server(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    path, run_dir = write_config(tiny_model_dir, raw_dir, tmp_path)
+    state = run_dir / "checkpoint" / "state.json"
+    proc = dplora(tmp_path, "run", str(path))
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text()).get("pending"):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the CLI alone, as `kill` or a scheduler sends it
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert json.loads(state.read_text()).get("pending"), "the signal did not land inside a round"
+        deadline = time.monotonic() + 30  # the server started in the CLI's process group stops with it
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a process of the run (the temporary Prefect server?) outlived it"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
