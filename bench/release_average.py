@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from dplora_core.checkpoint import adapter_file
 from dplora_core.config import ExperimentConfig, predating_fields
 from dplora_core.messages import GlobalModel
 from tasks.training import average_releases, evaluate
@@ -29,7 +30,7 @@ def round_adapters(cfg: ExperimentConfig, run_id: str, rounds: int) -> list[byte
     client = MlflowClient(cfg.tracking.mlflow_uri)
     with tempfile.TemporaryDirectory() as tmp:
         return [
-            Path(client.download_artifacts(run_id, f"adapters/adapter-round-{r:04d}.safetensors", tmp)).read_bytes()
+            Path(client.download_artifacts(run_id, f"adapters/{adapter_file(Path(tmp), r).name}", tmp)).read_bytes()
             for r in range(1, rounds + 1)
         ]
 
