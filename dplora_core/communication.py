@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from dplora_core.model import matches_target
+
 # Llama-2-7B as published (Touvron et al. 2023, Table 1; its Hugging Face config.json), the paper's 7B shape.
 LLAMA2_7B = LlamaConfig(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -38,14 +40,17 @@ def full_parameters(model: torch.nn.Module) -> int:
 def lora_targets(
     model: torch.nn.Module, *, target_modules: tuple[str, ...], last_n_layers: int | None = None
 ) -> list[tuple[str, int, int]]:
-    """(name, d_in, d_out) of each Linear LoRA adapts: a target name in one of the last N blocks."""
+    """(name, d_in, d_out) of each Linear LoRA adapts: one a target matches (as in `attach_lora`) in one of the
+    last N blocks."""
     config: Any = model.config
     n_layers = int(config.num_hidden_layers)
     first = 0 if last_n_layers is None else n_layers - last_n_layers
     found = []
     for name, module in model.named_modules():
         parts = name.split(".")
-        if not isinstance(module, torch.nn.Linear) or parts[-1] not in target_modules or "layers" not in parts:
+        if not isinstance(module, torch.nn.Linear) or "layers" not in parts:
+            continue
+        if not any(matches_target(name, target) for target in target_modules):
             continue
         if int(parts[parts.index("layers") + 1]) >= first:
             found.append((name, module.in_features, module.out_features))

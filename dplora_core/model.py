@@ -140,12 +140,16 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return peft_model
 
 
+def matches_target(name: str, target: str) -> bool:
+    """peft's rule for a `target_modules` entry: the module's full dotted name, or its last dotted parts."""
+    return name == target or name.endswith("." + target)
+
+
 def check_targets_are_linear(model: nn.Module, targets: Sequence[str]) -> None:
-    """ValueError naming `lora.target_modules` unless each name matches (as peft does: the module's name or its
-    last dotted parts) at least one module, and only nn.Linear ones: the per-example gradients of DP-SGD exist
-    for Linear layers only."""
+    """ValueError naming `lora.target_modules` unless each name matches (`matches_target`) at least one module,
+    and only nn.Linear ones: the per-example gradients of DP-SGD exist for Linear layers only."""
     for target in targets:
-        matches = [(name, m) for name, m in model.named_modules() if name == target or name.endswith("." + target)]
+        matches = [(name, m) for name, m in model.named_modules() if matches_target(name, target)]
         if not matches:
             raise ValueError(f"lora.target_modules: {target!r} names no module of the model")
         other = [(name, type(m).__name__) for name, m in matches if not isinstance(m, nn.Linear)]
