@@ -45,6 +45,15 @@ def finish(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def wait_until_pending(proc: subprocess.Popen[str], state: Path, *, round_num: int) -> None:
+    """Poll the checkpoint's state.json until round `round_num` is in flight (or the run ends, or 5 min pass)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text()).get("pending", {}).get("round") == round_num:
+            return
+        time.sleep(0.02)
+
+
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
 ) -> None:
@@ -54,11 +63,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     killed, killed_dir = write_config(tiny_model_dir, raw_dir, tmp_path / "killed")
     state = killed_dir / "checkpoint" / "state.json"
     proc = dplora(tmp_path / "killed", "run", str(killed))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text()).get("pending", {}).get("round") == 2:
-            break
-        time.sleep(0.02)
+    wait_until_pending(proc, state, round_num=2)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its temporary Prefect server
     proc.wait()
     at_kill = json.loads(state.read_text())
@@ -80,11 +85,7 @@ def test_sigterm_mid_round_exits_143_and_stops_the_temporary_server(
     state = run_dir / "checkpoint" / "state.json"
     proc = dplora(tmp_path, "run", str(path))
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if state.is_file() and json.loads(state.read_text()).get("pending"):
-                break
-            time.sleep(0.02)
+        wait_until_pending(proc, state, round_num=1)
         proc.send_signal(signal.SIGTERM)  # the CLI alone, as `kill` or a scheduler sends it
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
