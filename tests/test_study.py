@@ -226,7 +226,8 @@ def test_a_run_stopped_before_its_planned_rounds_is_named(tmp_path: Path) -> Non
 def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None:
     doc = tmp_path / "results.md"
     study = StudyConfig(name="f", base="b.yaml", results_doc=str(doc), frontier="privacy",
-                        axes={"partition": {"iid": {}}, "privacy": {"eps2": {}, "eps8": {}, "no-dp": {}}})
+                        axes={"partition": {"iid": {}},
+                              "privacy": {"eps2": {}, "eps8": {}, "no-dp": {}, "centralised": {}}})
 
     def row(level: str, epsilon: float | None, accuracy: float) -> dict[str, object]:
         return {"name": f"f-iid-{level}-s0", "levels": {"partition": "iid", "privacy": level}, "seed": 0,
@@ -235,8 +236,8 @@ def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None
                 "privacy_mode": "sample" if epsilon else "none", "accountant": "rdp" if epsilon else None,
                 "guarantee": "...", "upload_bytes_per_client_round": 1.0, "train_seconds": 1.0}
 
-    publish(study, tmp_path / "outputs", [row("eps2", 1.99, 0.6), row("eps8", 7.99, 0.7), row("no-dp", None, 0.75)],
-            {}, planned=3)
+    rows = [row("eps2", 1.99, 0.6), row("eps8", 7.99, 0.7), row("no-dp", None, 0.75), row("centralised", None, 0.8)]
+    publish(study, tmp_path / "outputs", rows, {}, planned=4)
     assert "![f-frontier](results/f-frontier.png)" in doc.read_text()
     assert (tmp_path / "results" / "f-frontier.png").stat().st_size > 0
 
