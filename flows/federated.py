@@ -181,6 +181,21 @@ def client_rates(cfg: ExperimentConfig) -> list[float]:
     return [sample_rate(cfg.federation.batch_size, n) for n in client_sizes(cfg)]
 
 
+def sampled_clients(cfg: ExperimentConfig) -> bool:
+    """Whether a round trains only some of the clients (federation.clients_per_round < num_clients)."""
+    return cfg.federation.clients_per_round < cfg.federation.num_clients
+
+
+def planned_epsilon(cfg: ExperimentConfig, plan: NoisePlan) -> float:
+    """The epsilon the planned rounds spend at most, charged as the run charges them, with every client in
+    every round (for a client's records, the worst case of client sampling)."""
+    ledgers = new_ledgers(cfg)
+    for key, run in planned_events(cfg, plan, list(range(cfg.federation.num_clients))).items():
+        for _ in range(cfg.federation.rounds):
+            ledgers[key].record(run)
+    return spent_epsilon(cfg, ledgers)[0]
+
+
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
     """(the reported epsilon, epsilon per ledger): the worst client's, or the population's."""
     if not ledgers:
@@ -400,7 +415,9 @@ def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
     budget = (
         describe_guarantee(mode=p.mode, epsilon=p.target_epsilon, delta=p.delta, kind=ledger_kind(cfg))
         if p.target_epsilon is not None
-        else f"no epsilon cap ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
+        else "no epsilon cap; the planned rounds spend at most "
+        + describe_guarantee(mode=p.mode, epsilon=planned_epsilon(cfg, plan), delta=p.delta, kind=ledger_kind(cfg))
+        + (" (a client taking part in every round)" if p.mode != "client" and sampled_clients(cfg) else "")
     )
     if plan.aggregate is not None:  # mode distributed
         noise = (f"noise multiplier {plan.aggregate:.4f} for the sum of any {quorum(cfg) - 1} uploads, "

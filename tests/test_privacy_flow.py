@@ -16,7 +16,7 @@ from dplora_core.checkpoint import CheckpointError, load_checkpoint
 from dplora_core.data import partition_iid
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
 from dplora_core.strategy import AdamState
-from flows.federated import federated_finetune
+from flows.federated import federated_finetune, planned_privacy
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
 from tasks.runtime import workspace
@@ -52,6 +52,22 @@ def test_budget_guard_stops_before_the_round_that_would_cross_the_target(
     tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"]).data.tags
     assert "budget guard" in tags["dplora.stopped_by_budget_guard"]
     assert "stopped early" in format_summary(metrics)
+
+
+def test_a_fixed_noise_multiplier_states_up_front_the_epsilon_its_rounds_spend(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    from tasks.data import partition_clients, prepare_data
+    from tasks.training import plan_noise
+
+    sigma, delta, batch, steps, rounds = 1.0, 1e-3, 8, 2, 3
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=sigma,
+                      privacy__target_epsilon=None, privacy__delta=delta, federation__rounds=rounds)
+    prepare_data.fn(cfg)
+    n = min(sum(hist.values()) for hist in partition_clients.fn(cfg))  # the smaller client spends the most
+    line = planned_privacy(cfg, plan_noise.fn(cfg))
+    assert line.startswith("budget no epsilon cap; the planned rounds spend at most (epsilon = ")
+    assert f"epsilon = {opacus_epsilon(batch / n, sigma, rounds * steps, delta):.3f}, delta = 0.001" in line
 
 
 @pytest.fixture
