@@ -40,8 +40,9 @@ def full_parameters(model: torch.nn.Module) -> int:
 def lora_targets(
     model: torch.nn.Module, *, target_modules: tuple[str, ...], last_n_layers: int | None = None
 ) -> list[tuple[str, int, int]]:
-    """(name, d_in, d_out) of each Linear LoRA adapts: one a target matches (as in `attach_lora`) in one of the
-    last N blocks."""
+    """(name, d_in, d_out) of each Linear LoRA adapts: a Linear inside a transformer block (`layers.<i>`; the
+    last N blocks only) whose name a target matches by peft's rule (`matches_target`). Linears outside the blocks,
+    such as lm_head, are not counted."""
     config: Any = model.config
     n_layers = int(config.num_hidden_layers)
     first = 0 if last_n_layers is None else n_layers - last_n_layers

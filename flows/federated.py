@@ -186,14 +186,22 @@ def sampled_clients(cfg: ExperimentConfig) -> bool:
     return cfg.federation.clients_per_round < cfg.federation.num_clients
 
 
-def planned_epsilon(cfg: ExperimentConfig, plan: NoisePlan) -> float:
-    """The epsilon the planned rounds spend at most, charged as the run charges them, with every client in
-    every round (for a client's records, the worst case of client sampling)."""
-    ledgers = new_ledgers(cfg)
-    for key, run in planned_events(cfg, plan, list(range(cfg.federation.num_clients))).items():
-        for _ in range(cfg.federation.rounds):
+def planned_spend(cfg: ExperimentConfig, state: RunState) -> tuple[float, float]:
+    """(epsilon, the server's view of it in mode distributed, else inf) once the rounds still to run are charged
+    as the run charges them, on top of what the ledgers already hold, with every client in every round (for a
+    client's records, the worst case of client sampling)."""
+    ledgers, server_view = (
+        {k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in held.items()}
+        for held in (state.ledgers, state.server_view)
+    )
+    everyone = list(range(cfg.federation.num_clients))
+    for _ in range(cfg.federation.rounds - state.global_model.round):
+        for key, run in planned_events(cfg, state.plan, everyone).items():
             ledgers[key].record(run)
-    return spent_epsilon(cfg, ledgers)[0]
+        for k, run in planned_uploads(cfg, state.plan, everyone).items():
+            if server_view:
+                server_view[str(k)].record(run)
+    return spent_epsilon(cfg, ledgers)[0], spent_epsilon(cfg, server_view)[0]
 
 
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
@@ -329,7 +337,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     try:
         if state.global_model.round:
             log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
-        log.info("privacy: %s", planned_privacy(cfg, state.plan))
+        log.info("privacy: %s", planned_privacy(cfg, state))
         full_bytes = full_model_bytes(cfg)
         while state.global_model.round < f.rounds:
             start = time.monotonic()
@@ -407,18 +415,26 @@ def track_round(state: RunState, run: ExperimentRun, checkpoint: Path) -> dict[s
     return row
 
 
-def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
-    """The run's privacy in one line, logged once: the budget's full guarantee and the noise that pays for it."""
+def planned_privacy(cfg: ExperimentConfig, state: RunState) -> str:
+    """The run's privacy in one line, logged at its start: the guarantee its planned rounds give (the target,
+    or with a fixed noise multiplier what those rounds spend) and the noise that pays for it."""
     p = cfg.privacy
     if p.mode == "none":
         return describe_guarantee(mode="none", epsilon=math.inf, delta=p.delta, kind=ledger_kind(cfg))
-    budget = (
-        describe_guarantee(mode=p.mode, epsilon=p.target_epsilon, delta=p.delta, kind=ledger_kind(cfg))
-        if p.target_epsilon is not None
-        else "no epsilon cap; the planned rounds spend at most "
-        + describe_guarantee(mode=p.mode, epsilon=planned_epsilon(cfg, plan), delta=p.delta, kind=ledger_kind(cfg))
-        + (" (a client taking part in every round)" if p.mode != "client" and sampled_clients(cfg) else "")
+    spend, server_spend = planned_spend(cfg, state)
+    guarantee = describe_guarantee(
+        mode=p.mode, epsilon=spend if p.target_epsilon is None else p.target_epsilon, delta=p.delta,
+        kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None,
+        server_epsilon=server_spend if p.mode == "distributed" else None,
     )
+    if p.target_epsilon is not None:
+        budget = f"budget {guarantee}"
+    elif p.mode == "paper":  # a per-iteration formula: nothing composes over rounds
+        budget = f"no epsilon cap; by the paper's formula {guarantee}"
+    else:
+        every = "a client taking part in every round, " if p.mode != "client" and sampled_clients(cfg) else ""
+        budget = f"no epsilon cap; {every}the planned rounds spend at most {guarantee}"
+    plan = state.plan
     if plan.aggregate is not None:  # mode distributed
         noise = (f"noise multiplier {plan.aggregate:.4f} for the sum of any {quorum(cfg) - 1} uploads, "
                  f"{max(plan.clients.values()):.4f} in each client's share")
@@ -426,7 +442,7 @@ def planned_privacy(cfg: ExperimentConfig, plan: NoisePlan) -> str:
         server = {round(plan.server, 4)} if plan.server else set()
         sigmas = sorted({round(s, 4) for s in plan.clients.values()} | server)
         noise = f"noise multiplier {', '.join(map(str, sigmas))}"
-    return f"budget {budget} after {cfg.federation.rounds} round(s); {noise}"
+    return f"{budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
 def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:

@@ -5,6 +5,7 @@ Matplotlib with the Agg backend (no screen); every function writes one PNG and r
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,7 +160,8 @@ def study_frontier(
     summary: Sequence[dict[str, Any]], modes: dict[tuple[str, ...], str], axis: str, path: Path, *, title: str
 ) -> Path:
     """Test accuracy (mean, error bar one sample sd) against record-level epsilon: one line per level of
-    the other axes; that group's runs without DP (e.g. federated, centralised) as dashed lines in its colour.
+    the other axes; that group's runs without DP (e.g. federated, centralised) as horizontal lines in its colour,
+    one dash pattern each.
     Other modes' epsilons bound other things (a client, a paper formula) and stay in the table, off this plot."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -175,9 +177,10 @@ def study_frontier(
                         yerr=[0.0 if math.isnan(s["test_accuracy"][1]) else s["test_accuracy"][1] for s in dp],
                         color=colour, marker="o", capsize=3, label=label)
         nodp = [s for s in entries if modes[tuple(s["levels"].values())] == "none"]
-        for s, style in zip(nodp, ("--", (0, (6, 2, 1, 2)), (0, (1, 1))), strict=False):
+        for s, style in zip(nodp, itertools.cycle(["--", (0, (6, 2, 1, 2)), (0, (1, 1))])):
+            level = s["levels"][axis]
             ax.axhline(s["test_accuracy"][0], color=colour, linestyle=style, linewidth=1,
-                       label=f"{label}: {s['levels'][axis]} (no DP)")
+                       label=f"{label}: {level}" + ("" if "dp" in level.lower() else " (no DP)"))
     for key, label, style in (("zero_shot_accuracy", "zero-shot", "-."), ("majority_class_accuracy",
                                                                            "always the majority class", ":")):
         values = [s[key][0] for s in summary if s[key]]

@@ -13,13 +13,15 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 
 from dplora_core.adapters import from_bytes
 from dplora_core.checkpoint import CheckpointError, load_checkpoint
+from dplora_core.config import ExperimentConfig
 from dplora_core.data import partition_iid
+from dplora_core.messages import GlobalModel
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
 from dplora_core.strategy import AdamState
-from flows.federated import federated_finetune, planned_privacy
+from flows.federated import RunState, federated_finetune, new_ledgers, planned_events, planned_privacy
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
-from tasks.runtime import workspace
+from tasks.runtime import read_partition, workspace
 from tasks.training import evaluate
 from tests.helpers import tiny_config
 
@@ -54,20 +56,48 @@ def test_budget_guard_stops_before_the_round_that_would_cross_the_target(
     assert "stopped early" in format_summary(metrics)
 
 
-def test_a_fixed_noise_multiplier_states_up_front_the_epsilon_its_rounds_spend(
-    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
-) -> None:
+def fixed_sigma_start(cfg: ExperimentConfig, *, rounds_done: int, rounds_charged: int) -> RunState:
+    """A run's state before round rounds_done + 1, its ledgers charged for rounds_charged rounds (one more than
+    done: a resumed run charged for its interrupted round)."""
     from tasks.data import partition_clients, prepare_data
     from tasks.training import plan_noise
 
-    sigma, delta, batch, steps, rounds = 1.0, 1e-3, 8, 2, 3
-    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=sigma,
-                      privacy__target_epsilon=None, privacy__delta=delta, federation__rounds=rounds)
     prepare_data.fn(cfg)
-    n = min(sum(hist.values()) for hist in partition_clients.fn(cfg))  # the smaller client spends the most
-    line = planned_privacy(cfg, plan_noise.fn(cfg))
-    assert line.startswith("budget no epsilon cap; the planned rounds spend at most (epsilon = ")
-    assert f"epsilon = {opacus_epsilon(batch / n, sigma, rounds * steps, delta):.3f}, delta = 0.001" in line
+    partition_clients.fn(cfg)
+    plan = plan_noise.fn(cfg)
+    state = RunState(GlobalModel(round=rounds_done, adapter=b""), plan, new_ledgers(cfg), 1.0, "run-id")
+    everyone = list(range(cfg.federation.num_clients))
+    for _ in range(rounds_charged):
+        for key, event in planned_events(cfg, plan, everyone).items():
+            state.ledgers[key].record(event)
+    return state
+
+
+def stated_epsilon(line: str) -> float:
+    match = re.search(r"\(epsilon = ([0-9.]+), delta = ", line)
+    assert match, line
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(
+    ("clients_per_round", "rounds", "rounds_done", "rounds_charged"),
+    [(2, 3, 0, 0), (1, 3, 0, 0), (2, 2, 1, 2)],  # a fresh run; clients sampled; resumed after an interrupted round
+)
+def test_a_fixed_noise_multiplier_states_up_front_the_epsilon_its_rounds_spend(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, clients_per_round: int, rounds: int,
+    rounds_done: int, rounds_charged: int,
+) -> None:
+    sigma, delta, batch, steps = 1.0, 1e-3, 8, 2
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__noise_multiplier=sigma,
+                      privacy__target_epsilon=None, privacy__delta=delta, federation__rounds=rounds,
+                      federation__clients_per_round=clients_per_round)
+    state = fixed_sigma_start(cfg, rounds_done=rounds_done, rounds_charged=rounds_charged)
+    charged = rounds_charged + rounds - rounds_done  # what the ledgers hold, and the rounds still to run
+    n = min(len(shard) for shard in read_partition(cfg))  # the smaller client spends the most
+    line = planned_privacy(cfg, state)
+    assert "the planned rounds spend at most (epsilon = " in line
+    assert stated_epsilon(line) == pytest.approx(opacus_epsilon(batch / n, sigma, charged * steps, delta), rel=1e-3)
+    assert ("a client taking part in every round" in line) == (clients_per_round < 2)
 
 
 @pytest.fixture
