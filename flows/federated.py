@@ -12,7 +12,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,20 +188,18 @@ def sampled_clients(cfg: ExperimentConfig) -> bool:
 
 def planned_spend(cfg: ExperimentConfig, state: RunState) -> tuple[float, float]:
     """(epsilon, the server's view of it in mode distributed, else inf) once the rounds still to run are charged
-    as the run charges them, on top of what the ledgers already hold, with every client in every round (for a
+    by `charge_round`, on top of what the ledgers already hold, with every client in every round (for a
     client's records, the worst case of client sampling)."""
-    ledgers, server_view = (
-        {k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in held.items()}
-        for held in (state.ledgers, state.server_view)
+    planned = replace(
+        state,
+        ledgers={k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in state.ledgers.items()},
+        server_view={k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in state.server_view.items()},
     )
     everyone = list(range(cfg.federation.num_clients))
+    events, uploads = planned_events(cfg, state.plan, everyone), planned_uploads(cfg, state.plan, everyone)
     for _ in range(cfg.federation.rounds - state.global_model.round):
-        for key, run in planned_events(cfg, state.plan, everyone).items():
-            ledgers[key].record(run)
-        for k, run in planned_uploads(cfg, state.plan, everyone).items():
-            if server_view:
-                server_view[str(k)].record(run)
-    return spent_epsilon(cfg, ledgers)[0], spent_epsilon(cfg, server_view)[0]
+        charge_round(cfg, planned, events, uploads, released=set(everyone), aggregated=set(everyone))
+    return spent_epsilon(cfg, planned.ledgers)[0], spent_epsilon(cfg, planned.server_view)[0]
 
 
 def spent_epsilon(cfg: ExperimentConfig, ledgers: dict[str, PrivacyLedger]) -> tuple[float, dict[str, float]]:
@@ -421,7 +419,10 @@ def planned_privacy(cfg: ExperimentConfig, state: RunState) -> str:
     p = cfg.privacy
     if p.mode == "none":
         return describe_guarantee(mode="none", epsilon=math.inf, delta=p.delta, kind=ledger_kind(cfg))
-    spend, server_spend = planned_spend(cfg, state)
+    # the planned spend is needed without a cap, and for the server's view in mode distributed
+    spend, server_spend = (
+        planned_spend(cfg, state) if p.target_epsilon is None or p.mode == "distributed" else (math.inf, math.inf)
+    )
     guarantee = describe_guarantee(
         mode=p.mode, epsilon=spend if p.target_epsilon is None else p.target_epsilon, delta=p.delta,
         kind=ledger_kind(cfg), fixed_seed=p.noise_seed is not None,
