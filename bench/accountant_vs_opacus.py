@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delta", type=float, default=1e-5)
     args = parser.parse_args()
+    print(f"Record-level epsilon of Poisson-subsampled Gaussian DP-SGD, RDP, delta {args.delta:g}\n")
     print("| q | sigma | steps | dplora (dp-accounting) | Opacus | Opacus' order | ratio - 1 |")
     print("|---|---|---|---|---|---|---|")
     ratios = []
