@@ -46,8 +46,7 @@ class ModelConfig(_Strict):
         True,
         description="Compute each record's hidden states below the first LoRA layer once and run only the layers "
         "above them (dplora_core.prefix); costs records x tokens x hidden x 2 bytes of CPU memory, and the first "
-        "client task in a process computes them for the whole training split (allow for it in "
-        "federation.client_timeout_seconds).",
+        "client task in a process computes them for the whole training split (before its time limit starts).",
     )
 
 
@@ -201,7 +200,10 @@ class FederationConfig(_Strict):
         None, ge=1, description="Quorum: a round is applied if this many of its clients succeed (None: all)."
     )
     client_timeout_seconds: float | None = Field(
-        None, gt=0, description="Per-client limit on one round's local training, stragglers fail (None: no limit)."
+        None, gt=0, description="Per-client limit on one round's local training, counted from when the client gets "
+        "the model (not while it waits for another client's training); a client still training at the limit stops "
+        "before its next step, releases nothing and is not retried (None: no limit). Cross-silo: the coordinator's "
+        "wait for each silo's run."
     )
     silos: tuple[SiloConfig, ...] | None = Field(
         None, description="Cross-silo: one organisation per client id, in order (None: simulate the clients here)."
@@ -341,7 +343,9 @@ class TrackingConfig(_Strict):
 
 
 class RunnerConfig(_Strict):
-    """Where the clients' training tasks run. Changing it never changes a result, so a resumed run may."""
+    """Where the clients' training tasks run; a resumed run may change it. With seeded noise it changes no
+    result (the same seeds give the same adapter on any runner); `model.dtype: auto` and a per-client time
+    limit can differ between the machines it names."""
 
     kind: Literal["threads", "dask", "ray"] = Field(
         "threads", description="threads: in the flow's process; dask: prefect-dask; ray: prefect-ray."

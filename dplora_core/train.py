@@ -18,6 +18,7 @@ this is not a certified record-level guarantee (see `privacy.accountant.paper_ep
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -53,6 +54,10 @@ def sample_rate(batch_size: int, n: int) -> float:
     """Poisson sampling rate q = B / n of a client with n records (capped at 1): one definition for the
     mechanism and the accountant."""
     return min(1.0, batch_size / n)
+
+
+class DeadlinePassed(TimeoutError):
+    """Local training reached its deadline between two steps; the partial adapter must not be released."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,7 @@ def train_local(
     prefix: FrozenPrefix | None = None,
     optimizer: Literal["adamw", "sgd"] = "adamw",
     momentum: float = 0.0,
+    deadline: float | None = None,
 ) -> LocalResult:
     """`steps` optimizer steps on the trainable (LoRA) weights of `model`.
 
@@ -231,6 +237,8 @@ def train_local(
     label_ids: train with the label-word loss (see `answer_nll`); None: the full-vocabulary LM loss.
     warmup_steps: the learning rate ramps up linearly over the first steps (see `warmup_factor`).
     prefix: each record's cached frozen-prefix states, aligned with `data` (see `dplora_core.prefix`).
+    deadline: a `time.monotonic()` instant; a step that would start after it raises `DeadlinePassed` instead
+    (a step under way finishes).
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -246,6 +254,8 @@ def train_local(
     loss_sum, seen = 0.0, 0
     grads = PerExampleGrads(trainable_linears(model)) if isinstance(dp, DpSgdParams) else None
     for step in range(steps):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlinePassed(f"deadline passed after {step} of {steps} local steps")
         for group in opt.param_groups:
             group["lr"] = learning_rate * warmup_factor(step, warmup_steps)
         if isinstance(dp, DpSgdParams):

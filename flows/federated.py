@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import flow, get_run_logger, unmapped
+from prefect import Task, flow, get_run_logger, unmapped
 from tqdm import tqdm
 
 from dplora_core.checkpoint import (
@@ -309,7 +309,14 @@ def client_base_dtypes(cfg: ExperimentConfig, history: list[dict[str, Any]]) -> 
 
 
 def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
-    """Simulation: each client's label histogram as a plot in MLflow (cross-silo: the silos keep theirs)."""
+    """Simulation: each client's label histogram as a plot in MLflow (cross-silo: the silos keep theirs).
+
+    Only without DP: exact counts of a client's records are a release no accountant covers, and the MLflow run
+    carries the guarantee. `dplora report` still plots them locally, captioned as outside DP."""
+    if cfg.privacy.mode != "none":
+        run.set_tags({"dplora.label_histograms": "not logged under DP: exact per-client counts are outside the "
+                      "guarantee (dplora report plots them locally)"})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         png = label_histogram_plot(cfg, Path(tmp) / "label_histograms.png")
         if png is not None:
@@ -552,6 +559,26 @@ class RoundFailed(RuntimeError):
     """Fewer clients than the quorum succeeded: the round is not applied."""
 
 
+def client_trainer(cfg: ExperimentConfig) -> Task[..., ClientUpdate]:
+    """The task that trains one client of a round, with the retries and time limit the privacy mode allows.
+
+    Simulated clients: federation.client_timeout_seconds is enforced inside the client from when it gets the
+    model (tasks.training.local_update), not on the task, whose clock would also run while the client waits for
+    another client's training: whether a client made it would then depend on the other clients' data. Under DP
+    with noise from OS entropy a failed client is not retried: a retry draws a new sample and new noise, and
+    releasing the first attempt that succeeds is the mechanism conditioned on success, not the one the
+    accountant composes; it counts against the quorum, as a silo does. (Seeded noise replays on a retry.)
+    Silos: the coordinator's wait for the silo's run is limited on the task; silos are never retried
+    (tasks.silos).
+    """
+    p, f = cfg.privacy, cfg.federation
+    if f.silos is not None:
+        return train_remote.with_options(timeout_seconds=f.client_timeout_seconds)
+    if p.mode != "none" and p.noise_seed is None:
+        return train_client.with_options(retries=0)
+    return train_client
+
+
 def train_round_clients(
     cfg: ExperimentConfig,
     r: int,
@@ -560,19 +587,15 @@ def train_round_clients(
     plan: NoisePlan,
     planned: dict[int, DpSgdRun],
 ) -> tuple[list[ClientUpdate], dict[int, str], set[int]]:
-    """Train the round's clients (retries and timeout on the task) and screen their updates.
+    """Train the round's clients (retries and time limit: `client_trainer`) and screen their updates.
 
     Returns (accepted updates, {failed or rejected client: why}, clients that released an update) if
     the quorum of federation.min_clients is met, else raises RoundFailed naming the failed clients.
     """
     f = cfg.federation
-    trainer = train_client
     if f.silos is not None:  # cross-silo: each client is another organisation's deployment
         publish_global(cfg, global_model)
-        trainer = train_remote
-    if f.client_timeout_seconds:
-        trainer = trainer.with_options(timeout_seconds=f.client_timeout_seconds)
-    futures = trainer.map(
+    futures = client_trainer(cfg).map(
         unmapped(cfg), unmapped(r), clients, unmapped(global_model), [plan.clients.get(k) for k in clients]
     )
     updates: list[ClientUpdate] = []

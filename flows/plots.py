@@ -119,11 +119,11 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
     if any(p["epsilon"] is None for p in points):
         ax.axvline(edge, color="grey", linestyle=":", linewidth=1)
         ax.text(edge, ax.get_ylim()[0], " no DP", fontsize=7, va="bottom")
-    ax.set_xlabel("epsilon (each run's own delta and neighbouring relation; see the table)")
+    ax.set_xlabel("record-level epsilon (each run's own delta and accountant; see the table)")
     ax.set_ylabel("test accuracy")
     ax.set_xlim(0, edge * 1.15)
     ax.set_ylim(0, 1)
-    ax.set_title("utility against privacy, all runs in the store", fontsize=10)
+    ax.set_title("utility against privacy, runs in the store with record-level DP or none", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
+from prefect.states import State
 
 from dplora_core.adapters import (
     AdapterError,
@@ -46,6 +48,7 @@ from dplora_core.strategy import (
     moving_average,
 )
 from dplora_core.train import (
+    DeadlinePassed,
     DpSgdParams,
     LocalResult,
     PaperDpParams,
@@ -164,11 +167,17 @@ def init_adapter(cfg: ExperimentConfig) -> GlobalModel:
     return GlobalModel(round=0, adapter=to_bytes(initial))
 
 
+def retry_unless_timed_out(task: object, task_run: object, state: State[object]) -> bool:
+    """A straggler that ran out of federation.client_timeout_seconds is not retried: it would straggle again."""
+    return not isinstance(state.result(raise_on_failure=False), DeadlinePassed)
+
+
 @task(
     name="train-client",
     task_run_name="train-client-{client_id}-round-{round_num}",
-    retries=2,
+    retries=2,  # flows.federated.client_trainer turns them off where a retry would be a second release
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_timed_out,
     cache_policy=NO_CACHE,
 )
 def train_client(
@@ -212,10 +221,17 @@ def local_update(
     seed = f.seed if p.mode == "none" else p.noise_seed
     generator = noise_generator(seed, round_num, client_id, device=device)
     start = from_bytes(global_model.adapter, source="global adapter")
-    with ws.lock:
+    limit = f.client_timeout_seconds
+    with ws.lock:  # the time limit counts from here, so no client's time is spent waiting for another's training
+        deadline = time.monotonic() + limit if limit is not None else None
         check_trainable(ws.model, cfg.lora)
         load_adapter_state(ws.model, start, source="global adapter")
-        result = train_round(cfg, ws, data, round_num, generator=generator, dp=dp, prefix=prefix)
+        try:
+            result = train_round(cfg, ws, data, round_num, generator=generator, dp=dp, prefix=prefix,
+                                 deadline=deadline)
+        except DeadlinePassed as err:  # nothing of this round leaves the client
+            raise DeadlinePassed(f"client {client_id}, round {round_num}: federation.client_timeout_seconds "
+                                 f"({limit:g} s) ran out: {err}") from err
         state = upload_state(adapter_state(ws.model), freeze_a=cfg.lora.freeze_a)
     if p.mode == "paper" and p.upload_noise_std > 0:  # Alg. 1 step 3: noise on the uploaded A and B
         state = {k: add_gaussian_noise(v, std=p.upload_noise_std, generator=generator) for k, v in state.items()}
@@ -233,16 +249,17 @@ def local_update(
 
 def train_round(
     cfg: ExperimentConfig, ws: Workspace, data: Sequence[Encoded], round_num: int, *, generator: torch.Generator,
-    dp: DpSgdParams | PaperDpParams | None, prefix: FrozenPrefix | None = None,
+    dp: DpSgdParams | PaperDpParams | None, prefix: FrozenPrefix | None = None, deadline: float | None = None,
 ) -> LocalResult:
     """One round of a client's schedule on the adapter loaded in ws.model: local_steps steps with a fresh
-    optimizer at the round's learning rate (warm-up and round_decay included). The caller holds ws.lock."""
+    optimizer at the round's learning rate (warm-up and round_decay included), none begun after `deadline`
+    (`time.monotonic()`). The caller holds ws.lock."""
     f = cfg.federation
     return train_local(
         ws.model, data, steps=f.local_steps, batch_size=f.batch_size, microbatch_size=f.microbatch_size,
         learning_rate=round_learning_rate(f.learning_rate, round_num, f.round_decay), pad_id=ws.pad_id,
         generator=generator, dp=dp, label_ids=label_ids_of(cfg) if f.loss == "label_words" else None,
-        warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum, prefix=prefix,
+        warmup_steps=f.warmup_steps, optimizer=f.optimizer, momentum=f.momentum, prefix=prefix, deadline=deadline,
     )
 
 

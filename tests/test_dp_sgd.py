@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from dplora_core.privacy.accountant import DpSgdRun
 from dplora_core.privacy.grad_sample import per_example_grads, trainable_linears
 from dplora_core.strategy import FedAvg
 from dplora_core.train import (
+    DeadlinePassed,
     DpSgdParams,
     PaperDpParams,
     answer_nll,
@@ -165,6 +167,16 @@ def test_dp_training_changes_only_lora_weights(tiny_model_dir: Path) -> None:
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+def test_a_step_due_after_the_deadline_is_not_taken(tiny_model_dir: Path) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    before = [p.detach().clone() for p in params_of(model)]
+    with pytest.raises(DeadlinePassed, match="after 0 of 2 local steps"):
+        train_local(model, data, steps=2, batch_size=4, microbatch_size=2, learning_rate=1e-2,
+                    pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                    dp=DpSgdParams(1.0, 1.0, 4 / len(data)), deadline=time.monotonic() - 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True))
 
 
 def test_warmup_ramps_linearly_then_holds() -> None:

@@ -119,10 +119,11 @@ def test_registering_the_same_adapter_of_the_same_run_again_keeps_its_version(fi
     assert len(client.search_model_versions("name = 'dplora-tiny'")) == before
 
 
-def test_mlflow_has_the_clients_label_histograms_as_a_plot(finished) -> None:
+def test_under_dp_mlflow_gets_no_exact_label_histograms(finished) -> None:
     cfg, metrics = finished
     client = MlflowClient(cfg.tracking.mlflow_uri)
-    assert [a.path for a in client.list_artifacts(metrics["mlflow_run_id"], "data")] == ["data/label_histograms.png"]
+    assert client.list_artifacts(metrics["mlflow_run_id"], "data") == []
+    assert "outside the guarantee" in client.get_run(metrics["mlflow_run_id"]).data.tags["dplora.label_histograms"]
 
 
 def test_report_writes_a_summary_and_png_plots(finished, tmp_path: Path) -> None:
@@ -139,6 +140,14 @@ def test_report_writes_a_summary_and_png_plots(finished, tmp_path: Path) -> None
         assert f"({png})" in summary
     row = f"| tiny | sample | {metrics['privacy']['epsilon']:.3f} | {cfg.privacy.delta} |"
     assert row in summary and "record-level" in summary
+
+
+def test_the_report_frontier_puts_only_record_level_and_no_dp_runs_on_its_epsilon_axis() -> None:
+    from flows.report import frontier_points
+
+    runs = [{"name": m, "mode": m, "accuracy": 0.7} for m in ("sample", "distributed", "none", "client", "paper")]
+    runs.append({"name": "unscored", "mode": "sample", "accuracy": None})
+    assert [r["name"] for r in frontier_points(runs)] == ["sample", "distributed", "none"]
 
 
 def test_a_client_trains_its_round_at_the_decayed_learning_rate(
@@ -231,6 +240,8 @@ def test_non_private_baseline_reports_no_guarantee(
     run = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"])
     assert "epsilon" not in run.data.metrics
     assert "train_loss" in run.data.metrics  # without DP the clients' loss may travel
+    artifacts = MlflowClient(cfg.tracking.mlflow_uri).list_artifacts(metrics["mlflow_run_id"], "data")
+    assert [a.path for a in artifacts] == ["data/label_histograms.png"]  # and so may the label counts
 
 
 def test_delta_too_large_for_a_client_is_refused_before_training(finished) -> None:
