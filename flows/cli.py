@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         study_args.add_argument("study", type=Path, help="study YAML: name, base, seeds, axes, exclude, results_doc")
         study_args.add_argument("--no-run", action="store_true", help="only tabulate the runs already finished")
         study_args.add_argument("--ignore-records", action="store_true",
-                                help="run again the cells that have only a committed record (results/runs/), "
-                                "e.g. to reproduce a table from scratch; their new records replace the old")
+                                help="run again the cells that have only a committed record (results/runs/ beside "
+                                "the results_doc), e.g. to reproduce a table from scratch; their new records replace "
+                                "the old")
         study_args.add_argument("--only", action="append", default=[], metavar="GLOB",
                                 help="train only the runs whose name matches (repeatable), e.g. '*-s0' for one "
                                 "seed first; the table still shows every finished run")
