@@ -91,18 +91,18 @@ def test_without_dp_the_attack_shows_memorisation(audited) -> None:
 
 
 def test_with_dp_at_epsilon_1_the_attack_stays_near_chance(audited) -> None:
-    """Tolerance 0.2: with no leakage the AUC of 32 vs 32 has std ~0.073 (Mann-Whitney), so 0.2 is ~2.7 std;
-    and 0.7 stays below e/(1+e) = 0.73, the largest AUC any epsilon = 1 mechanism allows. Broken noise or
-    clipping gives the no-DP AUC (~0.9). The noise seed is fixed, so the test is deterministic."""
+    """Detects missing noise or clipping only (the no-DP AUC, ~0.9); the noise scale is pinned by the
+    statistical tests in test_dp_sgd.py. 0.7 stays below e/(1+e) = 0.73, the largest AUC any epsilon = 1
+    mechanism allows; with no leakage the AUC of 32 vs 32 has std ~0.073 (Mann-Whitney), so 0.7 is ~2.7 std
+    above chance. The noise seed is fixed, so the test is deterministic."""
     _, result = audited
-    assert abs(result["dp"]["auc"] - 0.5) <= 0.2  # 0.554 measured with this seed
+    assert result["dp"]["auc"] <= 0.7  # 0.554 measured with this seed
 
 
 def test_with_dp_the_empirical_lower_bound_is_at_most_the_accountant_epsilon(audited) -> None:
     _, result = audited
     dp = result["dp"]
     assert dp["epsilon_lower_bound"] <= dp["accountant_epsilon"]
-    assert dp["consistent"] is True
 
 
 def test_accountant_epsilon_is_the_calibrated_target(audited) -> None:

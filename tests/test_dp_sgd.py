@@ -179,6 +179,44 @@ def test_a_step_due_after_the_deadline_is_not_taken(tiny_model_dir: Path) -> Non
     assert all(torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True))
 
 
+def test_dp_sgd_batches_are_poisson_draws_at_the_rate_it_reports_to_the_accountant(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok, data = setup(tiny_model_dir)
+    records, q, steps = data * 34, 0.1, 40  # 204 records
+    calls: list[tuple[int, float]] = []
+    real = M.poisson_sample
+
+    def spy(n: int, rate: float, *, generator: torch.Generator) -> torch.Tensor:
+        calls.append((n, rate))
+        return real(n, rate, generator=generator)
+
+    monkeypatch.setattr(M, "poisson_sample", spy)
+    result = train_local(model, records, steps=steps, batch_size=20, microbatch_size=8, learning_rate=1e-3,
+                         pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                         dp=DpSgdParams(1.0, 1.0, q))
+    assert result.dp_run == DpSgdRun(q, 1.0, steps)
+    assert calls == [(len(records), q)] * steps  # every batch a Poisson draw (tested in test_poisson_sample_rate)
+    n = len(records)  # examples seen ~ Binomial(n * steps, q)
+    assert abs(result.examples_seen - q * n * steps) < 5 * (n * steps * q * (1 - q)) ** 0.5
+
+
+def test_dp_sgd_divides_the_noised_sum_by_the_expected_batch_not_the_drawn_one(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A draw of 5 records where q n = 20: the step's noise has std sigma C / (q n), not sigma C / 5. With sigma
+    100 the clipped signal (norm at most 5 C / (q n)) is lost in it."""
+    model, tok, data = setup(tiny_model_dir)
+    records = data * 34  # 204 records
+    monkeypatch.setattr(M, "poisson_sample", lambda n, q, generator: torch.arange(5))
+    before = [p.detach().clone() for p in params_of(model)]
+    train_local(model, records, steps=1, batch_size=20, microbatch_size=8, learning_rate=1.0, optimizer="sgd",
+                pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                dp=DpSgdParams(100.0, 1.0, 20 / len(records)))
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params_of(model), before, strict=True)]).double()
+    assert step.std().item() == pytest.approx(100.0 / 20, rel=5 / (2 * step.numel()) ** 0.5)
+
+
 def test_warmup_ramps_linearly_then_holds() -> None:
     assert [warmup_factor(t, 3) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
@@ -208,15 +246,29 @@ def test_sgd_takes_heavy_ball_steps_on_the_batch_gradient(tiny_model_dir: Path) 
     """optimizer sgd: v <- mu v + g, w <- w - lr v, on the whole-batch gradient (sampled once per step)."""
     model, tok, data = setup(tiny_model_dir)
     mbs = microbatch(data, 4, pad_id=tok.pad_token_id, device=torch.device("cpu"))
-    plain_gradients(model, mbs, batch_size=len(data))
-    start = [p.detach().clone() for p in params_of(model)]
-    g = [p.grad.clone() for p in params_of(model)]
+    lr, mu = 0.5, 0.9
+
+    def gradient() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        plain_gradients(model, mbs, batch_size=len(data))
+        return [p.grad.clone() for p in params_of(model)]
+
+    w0 = [p.detach().clone() for p in params_of(model)]
+    g1 = gradient()
+    w1 = [w - lr * g for w, g in zip(w0, g1, strict=True)]
+    with torch.no_grad():
+        for p, w in zip(params_of(model), w1, strict=True):
+            p.copy_(w)
+    g2 = gradient()  # at the weights after step 1
+    with torch.no_grad():
+        for p, w in zip(params_of(model), w0, strict=True):
+            p.copy_(w)
     model.zero_grad(set_to_none=True)
-    train_local(model, data, steps=1, batch_size=len(data), microbatch_size=4, learning_rate=0.5,
+    train_local(model, data, steps=2, batch_size=len(data), microbatch_size=4, learning_rate=lr,
                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), dp=None, optimizer="sgd",
-                momentum=0.9)
-    for p, w, grad in zip(params_of(model), start, g, strict=True):
-        torch.testing.assert_close(p.detach(), w - 0.5 * grad, atol=1e-6, rtol=1e-5)
+                momentum=mu)
+    for p, w, a, b in zip(params_of(model), w1, g1, g2, strict=True):  # step 2 moves by lr (mu g1 + g2)
+        torch.testing.assert_close(p.detach(), w - lr * (mu * a + b), atol=1e-6, rtol=1e-5)
 
 
 def test_length_order_changes_no_dp_gradient(tiny_model_dir: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, shared_data_dir
 
@@ -49,7 +50,9 @@ def test_dplora_run_on_the_real_model_and_data(real_run) -> None:
     for line in ("zero-shot accuracy / macro-F1", "final accuracy / macro-F1", "epsilon spent", "RDP accountant"):
         assert line in proc.stdout
     metrics = json.loads((tmp / "outputs" / "tiny-test" / "metrics.json").read_text())
-    assert 0 < metrics["privacy"]["epsilon"] <= 8.0
+    assert 0.9 * 8.0 < metrics["privacy"]["epsilon"] <= 8.0  # calibrated to the target from below
+    adapter = load_file(tmp / "outputs" / "tiny-test" / "adapter.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
     assert metrics["test"]["final"]["n"] == 16
     assert metrics["bytes"]["full_model_up"] > 1000 * metrics["bytes"]["up"]
     assert (tmp / "raw" / "financial_phrasebank" / "all-data.csv").is_file()
@@ -64,5 +67,4 @@ def test_dplora_audit_on_the_real_model_and_data(real_run) -> None:
     assert "attack AUC" in proc.stdout and "empirical epsilon lower bound" in proc.stdout
     audit = json.loads((tmp / "outputs" / "tiny-test" / "audit.json").read_text())
     assert audit["members"] == audit["held_out"] == 8
-    assert 0 <= audit["dp"]["auc"] <= 1 and 0 <= audit["nodp"]["auc"] <= 1
     assert audit["dp"]["epsilon_lower_bound"] <= audit["dp"]["accountant_epsilon"] <= 8.0

@@ -144,9 +144,10 @@ def test_a_straggler_is_cut_by_the_per_client_timeout_and_not_retried(
 def test_time_spent_waiting_for_another_clients_training_does_not_count(
     tiny_model_dir, raw_dir, tmp_path, prefect_harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each client trains for about 2 s of a 4 s limit, one at a time: the last waits 4 s or more."""
-    slow_clients(monkeypatch, {0, 1, 2}, seconds=2.0)
-    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__client_timeout_seconds=4.0)
+    """Each client trains for a little over 4 s of a 7 s limit, one at a time on the shared model: the client
+    that waits for another's training spends 8 s or more in its task, which a task-level timeout would cut."""
+    slow_clients(monkeypatch, {0, 1, 2}, seconds=4.0)
+    cfg = three_clients(tiny_model_dir, raw_dir, tmp_path, federation__client_timeout_seconds=7.0)
     dplora_pipeline(cfg)
     history = json.loads((cfg.run_dir / "training.json").read_text())["history"]
     assert history[0]["failed_clients"] == []

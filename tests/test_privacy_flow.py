@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from dplora_core.adapters import from_bytes
+from dplora_core.adapters import from_bytes, upload_state
 from dplora_core.checkpoint import CheckpointError, load_checkpoint
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import partition_iid
@@ -22,7 +22,7 @@ from flows.federated import RunState, federated_finetune, new_ledgers, planned_e
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
 from tasks.runtime import read_partition, workspace
-from tasks.training import evaluate
+from tasks.training import aggregate_private, evaluate, init_adapter, sample_round_clients
 from tests.helpers import tiny_config
 
 ORDERS = list(make_accountant("rdp").orders)  # type: ignore[attr-defined]
@@ -192,6 +192,45 @@ def test_client_level_mode_with_adaptive_clipping(
     assert len({row["clip_norm"] for row in history}) == 3  # the clip norm adapts every round
 
 
+def test_client_level_mode_poisson_samples_clients_at_the_accountants_rate(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    """The client-level accountant composes Poisson sampling at q = clients_per_round / num_clients: each client
+    joins a round independently with probability q, so the round's size varies around q N."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="client", federation__num_clients=20,
+                      federation__clients_per_round=5)
+    rounds = [sample_round_clients(cfg, r) for r in range(1, 401)]
+    sizes = torch.tensor([len(c) for c in rounds], dtype=torch.float64)
+    q, n = 5 / 20, 20
+    assert abs(sizes.mean().item() - q * n) < 5 * (n * q * (1 - q) / len(rounds)) ** 0.5
+    assert sizes.std().item() == pytest.approx((n * q * (1 - q)) ** 0.5, rel=0.2)  # a fixed-size subset has 0
+    joined = torch.zeros(n)
+    for clients in rounds:
+        joined[clients] += 1
+    assert ((joined / len(rounds) - q).abs() < 5 * (q * (1 - q) / len(rounds)) ** 0.5).all()
+
+
+def test_client_level_server_noise_has_std_z_d_clip_over_expected_clients(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    """With adaptive clipping the count takes part of the budget: the update sum gets z_d = 1.809 for z = 1 and a
+    count std of 0.6 (Andrew et al. 2021, Thm 1, by hand), on the sum; divided by the expected clients (2)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="client", privacy__adaptive_clipping=True,
+                      privacy__clipped_count_stddev=0.6, federation__num_clients=4, federation__clients_per_round=2)
+    start = init_adapter.fn(cfg)
+    trained = upload_state(from_bytes(start.adapter, source="test"), freeze_a=cfg.lora.freeze_a)
+    noise = []
+    for r in range(20):  # no client in the round: the released update is the noise alone
+        start_r = GlobalModel(round=r, adapter=start.adapter)
+        model, _, _ = aggregate_private.fn(cfg, start_r, [], noise_multiplier=1.0, clip_norm=0.5)
+        after = from_bytes(model.adapter, source="test")
+        noise += [(after[k] - v).flatten() for k, v in trained.items()]
+    draws = torch.cat(noise).double()
+    expected = 1.8091 * 0.5 / 2
+    assert draws.std().item() == pytest.approx(expected, rel=5 / (2 * draws.numel()) ** 0.5)
+    assert abs(draws.mean().item()) < 5 * expected / draws.numel() ** 0.5
+
+
 def test_paper_mode_labels_its_epsilon_as_the_papers_bound(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
 ) -> None:
@@ -253,7 +292,12 @@ def test_a_round_interrupted_after_release_is_charged_on_resume(
     crash_after_round_2_uploads(cfg, monkeypatch)
     resumed = federated_finetune(cfg, resume=True)
     assert [row["round"] for row in resumed["history"]] == [1, 2]
-    assert [len(ledger["runs"]) for ledger in resumed["privacy"]["ledgers"].values()] == [charged, charged]
+    steps, shards = cfg.federation.local_steps, read_partition(cfg)
+    for k, ledger in resumed["privacy"]["ledgers"].items():
+        q = min(1.0, cfg.federation.batch_size / len(shards[int(k)]))
+        assert ledger["runs"] == [{"sample_rate": q, "noise_multiplier": 1.0, "steps": steps}] * charged
+        reference = opacus_epsilon(q, 1.0, charged * steps, cfg.privacy.delta)
+        assert resumed["privacy"]["per_client_epsilon"][k] == pytest.approx(reference, rel=1e-3)
 
 
 def test_distributed_round_interrupted_after_release_is_charged_to_both_views_on_resume(
