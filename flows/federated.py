@@ -12,7 +12,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +190,7 @@ def planned_spend(cfg: ExperimentConfig, state: RunState) -> tuple[float, float]
     """(epsilon, the server's view of it in mode distributed, else inf) once the rounds still to run are charged
     by `charge_round`, on top of what the ledgers already hold, with every client in every round (for a
     client's records, the worst case of client sampling)."""
-    planned = replace(
-        state,
-        ledgers={k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in state.ledgers.items()},
-        server_view={k: PrivacyLedger.from_state_dict(ledger.state_dict()) for k, ledger in state.server_view.items()},
-    )
+    planned = RunState.from_json(state.global_model.round, state.global_model.adapter, state.to_json())  # a copy
     everyone = list(range(cfg.federation.num_clients))
     events, uploads = planned_events(cfg, state.plan, everyone), planned_uploads(cfg, state.plan, everyone)
     for _ in range(cfg.federation.rounds - state.global_model.round):
