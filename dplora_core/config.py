@@ -199,6 +199,13 @@ class FederationConfig(_Strict):
         description="How a client's update travels, after the DP noise (post-processing): float32, float16, "
         "or int8 per-row with unbiased stochastic rounding.",
     )
+    client_weights: Literal["records", "equal"] | None = Field(
+        None,
+        description="FedAvg's weight of each client's update: by its number of records, or equal (1/K). None: "
+        "the mode's own (records for none and sample; equal for paper, as published, and distributed, where the "
+        "uploads must add up to one DP-SGD step; mode client's DP-FedAvg always weighs equally, which its "
+        "sensitivity assumes). Post-processing of the noised uploads in modes sample and paper.",
+    )
     seed: int = Field(0, ge=0, description="Seed for splits, partitions, client sampling, LoRA init.")
     min_clients: int | None = Field(
         None, ge=1, description="Quorum: a round is applied if this many of its clients succeed (None: all)."
@@ -418,6 +425,17 @@ class ExperimentConfig(_Strict):
                     "be one plain SGD step on its noised gradient sum, sent as is, so that the uploads add up "
                     "to one DP-SGD step with the whole noise)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _client_weights_fit_the_mode(self) -> ExperimentConfig:
+        """Modes client and distributed fix equal weights: their noise is calibrated to an unweighted sum."""
+        mode, weights = self.privacy.mode, self.federation.client_weights
+        if mode in ("client", "distributed") and weights == "records":
+            raise ValueError(
+                f"federation.client_weights records is not for privacy.mode {mode}: its noise is calibrated to "
+                "the unweighted sum of the clients' updates (leave client_weights unset, or equal)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -111,6 +111,11 @@ def write(tmp_path: Path, tree: dict) -> Path:
             "privacy.mode distributed needs a quorum of at least 2 clients", "each client knows its own share",
         ),
         (
+            {"privacy": {"mode": "client"}, "federation": {"client_weights": "records"}},
+            "federation.client_weights records is not for privacy.mode client", "the unweighted sum",
+        ),
+        ({"federation": {"client_weights": "size"}}, "federation.client_weights", "Input should be"),
+        (
             {"federation": {"server_optimizer": "adam"}},
             "federation.server_optimizer adam needs federation.server_learning_rate set", "its default, 1",
         ),

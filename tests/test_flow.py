@@ -201,6 +201,21 @@ def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
         torch.testing.assert_close(value, expected)
 
 
+def test_aggregate_with_equal_client_weights_is_the_plain_mean(finished) -> None:
+    cfg, _ = finished
+    equal = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"client_weights": "equal"})})
+    global_model = init_adapter.fn(cfg)
+    state = from_bytes(global_model.adapter, source="test")
+    updates = [
+        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None, base_dtype="float32",
+                     adapter=to_bytes({k: torch.full_like(v, value) for k, v in state.items()}))
+        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
+    ]
+    merged = from_bytes(aggregate.fn(equal, global_model, updates)[0].adapter, source="test")
+    for value in merged.values():
+        torch.testing.assert_close(value, torch.full_like(value, 3.0))  # (1 + 5) / 2, not (1 + 15) / 4
+
+
 def test_aggregate_in_mode_distributed_is_the_plain_mean_of_the_uploads(finished) -> None:
     """Each upload is a step on its client's noised mean gradient over an expected batch of batch_size records,
     so the mean of the uploads (not a record-weighted one) is the step on the union's; below the quorum the noise
