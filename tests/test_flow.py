@@ -183,17 +183,24 @@ def test_aggregate_rejects_a_bad_client_update_by_name(finished) -> None:
         aggregate.fn(cfg, global_model, [good, evil])
 
 
+def filled_updates(state: dict[str, torch.Tensor], sizes_and_values: list[tuple[int, float]],
+                   keys: list[str] | None = None, train_loss: float | None = 0.0) -> list[ClientUpdate]:
+    """Round-1 updates of clients 0, 1, ...: client i reports n_i records and sends `keys` of `state` (default:
+    all) filled with value_i."""
+    return [
+        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=train_loss, dp_run=None, base_dtype="float32",
+                     adapter=to_bytes({k: torch.full_like(state[k], value) for k in (keys or list(state))}))
+        for i, (n, value) in enumerate(sizes_and_values)
+    ]
+
+
 def test_aggregate_is_example_weighted_and_keeps_frozen_a(finished) -> None:
     cfg, _ = finished
     ffa = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"freeze_a": True})})
     global_model = init_adapter.fn(cfg)
     state = from_bytes(global_model.adapter, source="test")
     b_keys = [k for k in state if ".lora_B." in k]
-    updates = [
-        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None, base_dtype="float32",
-                     adapter=to_bytes({k: torch.full_like(state[k], value) for k in b_keys}))
-        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
-    ]
+    updates = filled_updates(state, [(1, 1.0), (3, 5.0)], b_keys)
     merged = from_bytes(aggregate.fn(ffa, global_model, updates)[0].adapter, source="test")
     assert set(merged) == set(state)
     for key, value in merged.items():
@@ -206,11 +213,7 @@ def test_aggregate_with_equal_client_weights_is_the_plain_mean(finished) -> None
     equal = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"client_weights": "equal"})})
     global_model = init_adapter.fn(cfg)
     state = from_bytes(global_model.adapter, source="test")
-    updates = [
-        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=0.0, dp_run=None, base_dtype="float32",
-                     adapter=to_bytes({k: torch.full_like(v, value) for k, v in state.items()}))
-        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
-    ]
+    updates = filled_updates(state, [(1, 1.0), (3, 5.0)])
     merged = from_bytes(aggregate.fn(equal, global_model, updates)[0].adapter, source="test")
     for value in merged.values():
         torch.testing.assert_close(value, torch.full_like(value, 3.0))  # (1 + 5) / 2, not (1 + 15) / 4
@@ -227,11 +230,7 @@ def test_aggregate_in_mode_distributed_is_the_plain_mean_of_the_uploads(finished
     })
     global_model = init_adapter.fn(cfg)
     state = from_bytes(global_model.adapter, source="test")
-    updates = [
-        ClientUpdate(client_id=i, round=1, num_examples=n, train_loss=None, dp_run=None, base_dtype="float32",
-                     adapter=to_bytes({k: torch.full_like(v, value) for k, v in state.items()}))
-        for i, (n, value) in enumerate([(1, 1.0), (3, 5.0)])
-    ]
+    updates = filled_updates(state, [(1, 1.0), (3, 5.0)], train_loss=None)
     merged = from_bytes(aggregate.fn(distributed, global_model, updates)[0].adapter, source="test")
     for value in merged.values():
         torch.testing.assert_close(value, torch.full_like(value, 3.0))
