@@ -375,6 +375,11 @@ class RunnerConfig(_Strict):
         return self
 
 
+#: Modes whose noise is calibrated to the unweighted sum of the uploads: client (DP-FedAvg's sensitivity) and
+#: distributed (the uploads add up to one DP-SGD step). They weigh the clients equally, always.
+EQUAL_WEIGHT_MODES = ("client", "distributed")
+
+
 class ExperimentConfig(_Strict):
     """The single parameter of every flow: one experiment, fully specified."""
 
@@ -427,11 +432,19 @@ class ExperimentConfig(_Strict):
                 )
         return self
 
+    def fedavg_weights(self) -> Literal["records", "equal"]:
+        """How FedAvg weighs the updates: federation.client_weights, else the mode's own. By records in modes
+        none and sample; equal in mode paper, as published, and in the modes whose noise is calibrated to the
+        unweighted sum of the uploads (`EQUAL_WEIGHT_MODES`)."""
+        if self.federation.client_weights is not None:
+            return self.federation.client_weights
+        return "equal" if self.privacy.mode in ("paper", *EQUAL_WEIGHT_MODES) else "records"
+
     @model_validator(mode="after")
     def _client_weights_fit_the_mode(self) -> ExperimentConfig:
         """Modes client and distributed fix equal weights: their noise is calibrated to an unweighted sum."""
         mode, weights = self.privacy.mode, self.federation.client_weights
-        if mode in ("client", "distributed") and weights == "records":
+        if mode in EQUAL_WEIGHT_MODES and weights == "records":
             raise ValueError(
                 f"federation.client_weights records is not for privacy.mode {mode}: its noise is calibrated to "
                 "the unweighted sum of the clients' updates (leave client_weights unset, or equal)"

@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -328,26 +327,17 @@ def aggregate(
 ) -> tuple[GlobalModel, bytes | None]:
     """Check each client's adapter, combine them by FedAvg and take the server's step; (model, server state).
 
-    The weights are federation.client_weights (see `client_weights`). server_state: the server optimizer's state
-    from the previous round (adam; None: fresh or none).
+    The weights are `ExperimentConfig.fedavg_weights`. server_state: the server optimizer's state from the
+    previous round (adam; None: fresh or none).
     """
     current, reference, states = _checked_states(cfg, global_model, updates)
     if cfg.privacy.mode == "distributed" and len(updates) < quorum(cfg):  # the noise shares assume a quorum
         raise ValueError(f"mode distributed: {len(updates)} uploads, fewer than the quorum of {quorum(cfg)}")
-    equal = client_weights(cfg) == "equal"
+    equal = cfg.fedavg_weights() == "equal"
     weights = [1.0] * len(updates) if equal else [float(u.num_examples) for u in updates]
     strategy = with_server_step(cfg, FedAvg(), server_state, round_num=global_model.round + 1)
     merged = strategy.aggregate(reference, states, weights)
     return GlobalModel(round=global_model.round + 1, adapter=to_bytes(current | merged)), server_state_of(strategy)
-
-
-def client_weights(cfg: ExperimentConfig) -> Literal["records", "equal"]:
-    """How FedAvg weighs the updates: federation.client_weights, else the mode's own. By records by default;
-    equal in mode `paper`, as published, and in mode `distributed`, where the mean of the uploads is the noised
-    mean gradient of the union of the batches."""
-    if cfg.federation.client_weights is not None:
-        return cfg.federation.client_weights
-    return "equal" if cfg.privacy.mode in ("paper", "distributed") else "records"
 
 
 def with_server_step(

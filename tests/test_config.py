@@ -159,6 +159,21 @@ def test_flat_view_has_dotted_keys() -> None:
     assert flat["federation.num_clients"] == 4
 
 
+@pytest.mark.parametrize(
+    ("mode", "weights"),
+    [("none", "records"), ("sample", "records"), ("paper", "equal"), ("client", "equal"), ("distributed", "equal")],
+)
+def test_fedavg_weights_default_to_the_modes_own(mode: str, weights: str) -> None:
+    base = ExperimentConfig()  # model_copy skips the validators: only the resolver is under test
+    cfg = base.model_copy(update={"privacy": base.privacy.model_copy(update={"mode": mode})})
+    assert cfg.fedavg_weights() == weights
+
+
+def test_fedavg_weights_follow_the_config_when_set() -> None:
+    cfg = ExperimentConfig.model_validate({"privacy": {"mode": "paper"}, "federation": {"client_weights": "records"}})
+    assert cfg.fedavg_weights() == "records"
+
+
 def test_cli_exits_2_on_bad_config_before_any_work(tmp_path: Path) -> None:
     path = write(tmp_path, {"federation": {"num_clients": 2, "clients_per_round": 3},
                             "tracking": {"output_dir": str(tmp_path / "out")}})
