@@ -4,7 +4,8 @@ Each cell is one `dplora-pipeline` subflow with its own run directory, MLflow ru
 killed study resumes where it stopped: finished cells are read back, the interrupted one continues
 from its last checkpoint. The results go to `outputs/<study>/results.json` and, if `results_doc` is
 set, into that markdown file between the study's markers, so a document's numbers always come
-from the command that produced them.
+from the command that produced them. A study with non-IID partitions also tabulates them per seed
+(each client's records and label skew, its noise multiplier) beside each cell's test accuracy.
 
 A study with a `results_doc` also keeps one small JSON record per finished run beside it
 (`<doc dir>/results/runs/<study>/<run>.json`: the run's full config, its table row, its per-round
@@ -233,8 +234,8 @@ def run_study(
             if row is not None:
                 rows[i] = row
             if ran:
-                publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells))
-    return publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells))
+                publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
+    return publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
 
 
 def study_cell(
@@ -270,9 +271,11 @@ def train_cell(study: StudyConfig, cell: Cell, position: str) -> tuple[dict[str,
 
 
 def publish(
-    study: StudyConfig, output_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str], planned: int
+    study: StudyConfig, output_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str], planned: int,
+    cells: Sequence[Cell] = (),
 ) -> dict[str, Any]:
-    """Write `output_dir/<study>/results.json` and, if set, the study's section of `results_doc` (table and PNG)."""
+    """Write `output_dir/<study>/results.json` and, if set, the study's section of `results_doc` (table, PNG and,
+    given the grid's cells, the per-seed table of its non-IID partitions)."""
     results: dict[str, Any] = {"study": study.model_dump(mode="json"), "planned": planned, "rows": rows,
                                "failed": failed, "summary": summarise(rows, NUMBERS)}
     out = output_dir / study.name
@@ -293,7 +296,9 @@ def publish(
                 title=f"study {study.name}: test accuracy against record-level epsilon, mean over seeds, bars one sd",
             ))
         links = "".join(f"![{p.stem}]({p.relative_to(doc.parent).as_posix()})\n" for p in images)
-        write_section(doc, study.name, links + "\n" + results_table(results))
+        partitions = partition_table(cells, rows)
+        body = links + "\n" + results_table(results) + (f"\n\n{partitions}" if partitions else "")
+        write_section(doc, study.name, body)
     return results
 
 
@@ -338,6 +343,63 @@ def results_table(results: dict[str, Any]) -> str:
     if results["failed"]:
         lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
     return "\n".join(lines)
+
+
+def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown, for the cells with a non-IID partition: one row per seed (and partition) with each client's
+    records and share of the training split's commonest label, the record-level noise multipliers, and each
+    finished cell's test accuracy on that partition, which the main table's mean over seeds hides. The
+    partitions are recomputed from the configs (a pure function of the seed and the training split)."""
+    from tasks.data import client_shards, prepare_data, shard_histograms
+    from tasks.runtime import split_path
+    from tasks.training import record_noise_multiplier
+
+    skewed = [c for c in cells if c.config.federation.partition != "iid"]
+    if not skewed:
+        return ""
+    finished = {r["name"]: r for r in rows}
+    varying = [axis for axis in skewed[0].levels if len({c.levels[axis] for c in skewed}) > 1]
+
+    def column(cell: Cell) -> str:
+        return " ".join(cell.levels[axis] for axis in varying)
+
+    columns = list(dict.fromkeys(column(c) for c in skewed))
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
+    for c in skewed:
+        f = c.config.federation
+        groups.setdefault((c.seed, f.partition, f.dirichlet_alpha, f.num_clients), []).append(c)
+    lines: list[str] = []
+    for (seed, partition, alpha, _), group in groups.items():
+        cfg = group[0].config
+        if not split_path(cfg.data, "train").is_file():  # a fresh clone tabulating committed records
+            prepare_data.fn(cfg)
+        hist = shard_histograms(cfg, client_shards(cfg))
+        sizes = [sum(h.values()) for h in hist]
+        totals = {label: sum(h[label] for h in hist) for label in hist[0]}
+        common = max(totals, key=lambda label: totals[label])
+        if not lines:
+            header = ["seed", "partition", f"clients: records ({common} share)",
+                      f"largest client: share of records, {common} share", "record-level noise multipliers",
+                      *[col or "test acc. (macro-F1)" for col in columns]]
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        b = sizes.index(max(sizes))
+        sampled = [c for c in group if c.config.privacy.mode == "sample"]
+        if sampled:  # the least noise the partition gets: the sample-mode cell with the largest target epsilon
+            dp = max(sampled, key=lambda c: c.config.privacy.target_epsilon or 0.0).config
+            zs = ", ".join(f"{record_noise_multiplier(dp, n):.2f}" for n in sizes)
+            noise = f"ε={dp.privacy.target_epsilon:g}: {zs}" if dp.privacy.target_epsilon else zs
+        else:
+            noise = "-"
+        accuracy = {column(c): finished.get(c.config.name) for c in group}
+        lines.append("| " + " | ".join([
+            str(seed), partition if partition != "dirichlet" else f"dirichlet α={alpha:g}",
+            ", ".join(f"{n:,} ({h[common] / n:.0%})" for n, h in zip(sizes, hist, strict=True)),
+            f"{sizes[b] / sum(sizes):.0%}, {hist[b][common] / sizes[b]:.0%}", noise,
+            *[f"{r['test_accuracy']:.3f} ({r['test_macro_f1']:.3f})" if (r := accuracy.get(col)) else "-"
+              for col in columns],
+        ]) + " |")
+    return "\n".join(["Per seed, the non-IID partitions (recomputed from the configs) and each cell's test accuracy "
+                      "(macro-F1) on them:", "", *lines])
 
 
 def write_section(doc: Path, name: str, body: str) -> None:

@@ -59,21 +59,30 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
     return {name: label_histogram(ex, labels) for name, ex in splits.items()}
 
 
-@task(name="partition-clients", retries=0)
-def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
-    """Split the training records over the clients; write the partition; return label histograms."""
+def client_shards(cfg: ExperimentConfig) -> list[list[int]]:
+    """Each client's training-record indices: a pure function of the training split and the federation config."""
     f = cfg.federation
     train = split_examples(cfg.data, "train")
     if len(train) < f.num_clients:
         raise DataError(f"{split_path(cfg.data, 'train')}: {len(train)} examples for {f.num_clients} clients")
     if f.partition == "iid":
-        shards = partition_iid(len(train), f.num_clients, seed=f.seed)
-    elif f.partition == "quantity":
-        shards = partition_quantity(len(train), f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
-    else:
-        shards = partition_dirichlet([e.label for e in train], f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
-    labels = task_spec(cfg.data).labels
-    hist = [label_histogram([train[i] for i in s], labels) for s in shards]
+        return partition_iid(len(train), f.num_clients, seed=f.seed)
+    if f.partition == "quantity":
+        return partition_quantity(len(train), f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
+    return partition_dirichlet([e.label for e in train], f.num_clients, alpha=f.dirichlet_alpha, seed=f.seed)
+
+
+def shard_histograms(cfg: ExperimentConfig, shards: list[list[int]]) -> list[dict[str, int]]:
+    """Each client's label histogram."""
+    train = split_examples(cfg.data, "train")
+    return [label_histogram([train[i] for i in s], task_spec(cfg.data).labels) for s in shards]
+
+
+@task(name="partition-clients", retries=0)
+def partition_clients(cfg: ExperimentConfig) -> list[dict[str, int]]:
+    """Split the training records over the clients; write the partition; return label histograms."""
+    shards = client_shards(cfg)
+    hist = shard_histograms(cfg, shards)
     atomic_write(partition_path(cfg), json.dumps({"clients": shards, "label_histograms": hist}).encode())
     return hist
 

@@ -255,6 +255,46 @@ def test_a_study_without_finished_runs_replaces_an_old_table(tmp_path: Path) -> 
     assert "old" not in doc.read_text() and "0 of 2" in doc.read_text() and doc.read_text().startswith("intro")
 
 
+def table_cells(text: str) -> list[list[str]]:
+    """The body rows of the one markdown table in text, each as its cells."""
+    return [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+
+
+def test_a_non_iid_study_tabulates_each_seed_s_partition_and_its_cells_accuracy(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    from dplora_core.data import label_histogram, partition_dirichlet, task_spec
+    from dplora_core.privacy.accountant import calibrate_noise_multiplier
+    from tasks.runtime import split_examples
+
+    base = tiny_config(tiny_model_dir, tmp_path, raw_dir).model_dump(mode="json")
+    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES)
+    cells = expand(study, base)
+    row = {"name": "s-dir-eps4-s1", "test_accuracy": 0.7, "test_macro_f1": 0.5}
+    text = flows.study.partition_table(cells, [row])
+    rows = table_cells(text)
+    assert [r[:2] for r in rows] == [["0", "dirichlet α=0.5"], ["1", "dirichlet α=0.5"]]  # the IID cells have none
+    assert "| eps4 | nodp |" in text
+    assert rows[1][5:] == ["0.700 (0.500)", "-"] and rows[0][5:] == ["-", "-"]
+    cfg = cells[-1].config  # dir, nodp, seed 1: the partition the row describes
+    train = split_examples(cfg.data, "train")
+    shards = partition_dirichlet([e.label for e in train], 2, alpha=0.5, seed=1)
+    hists = [label_histogram([train[i] for i in s], task_spec(cfg.data).labels) for s in shards]
+    shares = [f"{len(s)} ({h['neutral'] / len(s):.0%})" for s, h in zip(shards, hists, strict=True)]
+    assert rows[1][2] == ", ".join(shares)
+    rates = [min(1.0, cfg.federation.batch_size / len(s)) for s in shards]
+    sigmas = [calibrate_noise_multiplier(target_epsilon=4, delta=cfg.privacy.delta, sample_rate=q,
+                                         steps=cfg.federation.local_steps, rounds=cfg.federation.rounds,
+                                         kind=cfg.privacy.accountant)
+              for q in rates]
+    assert rows[1][4] == "ε=4: " + ", ".join(f"{z:.2f}" for z in sigmas)
+
+
+def test_an_iid_study_has_no_partition_table() -> None:
+    study = StudyConfig(name="s", base="b.yaml", axes={"privacy": AXES["privacy"]})
+    assert flows.study.partition_table(expand(study, BASE), []) == ""
+
+
 ONE_ROUND = [{"round": 1, "val_accuracy": 0.7, "val_loss": 0.8}]
 
 
