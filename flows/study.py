@@ -390,16 +390,20 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
             noise = f"ε={dp.privacy.target_epsilon:g}: {zs}" if dp.privacy.target_epsilon else zs
         else:
             noise = "-"
-        accuracy = {column(c): finished.get(c.config.name) for c in group}
+        names = {column(c): c.config.name for c in group}
         lines.append("| " + " | ".join([
             str(seed), partition if partition != "dirichlet" else f"dirichlet α={alpha:g}",
             ", ".join(f"{n:,} ({h[common] / n:.0%})" for n, h in zip(sizes, hist, strict=True)),
             f"{sizes[b] / sum(sizes):.0%}, {hist[b][common] / sizes[b]:.0%}", noise,
-            *[f"{r['test_accuracy']:.3f} ({r['test_macro_f1']:.3f})" if (r := accuracy.get(col)) else "-"
-              for col in columns],
+            *["excluded" if col not in names else accuracy_cell(finished.get(names[col])) for col in columns],
         ]) + " |")
     return "\n".join(["Per seed, the non-IID partitions (recomputed from the configs) and each cell's test accuracy "
-                      "(macro-F1) on them:", "", *lines])
+                      "(macro-F1) on them, '-' if it has not run yet:", "", *lines])
+
+
+def accuracy_cell(row: dict[str, Any] | None) -> str:
+    """'test accuracy (macro-F1)' of a finished run, '-' for one not run yet."""
+    return "-" if row is None else f"{row['test_accuracy']:.3f} ({row['test_macro_f1']:.3f})"
 
 
 def write_section(doc: Path, name: str, body: str) -> None:

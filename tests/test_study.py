@@ -268,14 +268,15 @@ def test_a_non_iid_study_tabulates_each_seed_s_partition_and_its_cells_accuracy(
     from tasks.runtime import split_examples
 
     base = tiny_config(tiny_model_dir, tmp_path, raw_dir).model_dump(mode="json")
-    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES)
+    study = StudyConfig(name="s", base="b.yaml", seeds=(0, 1), axes=AXES,
+                        exclude=({"partition": "dir", "privacy": "nodp", "seeds": [0]},))
     cells = expand(study, base)
     row = {"name": "s-dir-eps4-s1", "test_accuracy": 0.7, "test_macro_f1": 0.5}
     text = flows.study.partition_table(cells, [row])
     rows = table_cells(text)
     assert [r[:2] for r in rows] == [["0", "dirichlet α=0.5"], ["1", "dirichlet α=0.5"]]  # the IID cells have none
     assert "| eps4 | nodp |" in text
-    assert rows[1][5:] == ["0.700 (0.500)", "-"] and rows[0][5:] == ["-", "-"]
+    assert rows[1][5:] == ["0.700 (0.500)", "-"] and rows[0][5:] == ["-", "excluded"]
     cfg = cells[-1].config  # dir, nodp, seed 1: the partition the row describes
     train = split_examples(cfg.data, "train")
     shards = partition_dirichlet([e.label for e in train], 2, alpha=0.5, seed=1)
