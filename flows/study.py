@@ -350,8 +350,9 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
     records and share of the training split's commonest label, the record-level noise multipliers, and each
     finished cell's test accuracy on that partition, which the main table's mean over seeds hides. The
     partitions are recomputed from the configs (a pure function of the seed and the training split)."""
+    from dplora_core.data import label_histogram, task_spec
     from tasks.data import client_shards, prepare_data, shard_histograms
-    from tasks.runtime import split_path
+    from tasks.runtime import split_examples, split_path
     from tasks.training import record_noise_multiplier
 
     skewed = [c for c in cells if c.config.federation.partition != "iid"]
@@ -364,24 +365,23 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
         return " ".join(cell.levels[axis] for axis in varying)
 
     columns = list(dict.fromkeys(column(c) for c in skewed))
+    data = skewed[0].config.data  # a study's cells share one dataset
+    if not split_path(data, "train").is_file():  # a fresh clone tabulating committed records
+        prepare_data.fn(skewed[0].config)
+    totals = label_histogram(split_examples(data, "train"), task_spec(data).labels)
+    common = max(totals, key=lambda label: totals[label])
+    header = ["seed", "partition", f"clients: records ({common} share)",
+              f"largest client: share of records, {common} share", "record-level noise multipliers",
+              *[col or "test acc. (macro-F1)" for col in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple[Any, ...], list[Cell]] = {}
     for c in skewed:
         f = c.config.federation
         groups.setdefault((c.seed, f.partition, f.dirichlet_alpha, f.num_clients), []).append(c)
-    lines: list[str] = []
     for (seed, partition, alpha, _), group in groups.items():
         cfg = group[0].config
-        if not split_path(cfg.data, "train").is_file():  # a fresh clone tabulating committed records
-            prepare_data.fn(cfg)
         hist = shard_histograms(cfg, client_shards(cfg))
         sizes = [sum(h.values()) for h in hist]
-        totals = {label: sum(h[label] for h in hist) for label in hist[0]}
-        common = max(totals, key=lambda label: totals[label])
-        if not lines:
-            header = ["seed", "partition", f"clients: records ({common} share)",
-                      f"largest client: share of records, {common} share", "record-level noise multipliers",
-                      *[col or "test acc. (macro-F1)" for col in columns]]
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         b = sizes.index(max(sizes))
         sampled = [c for c in group if c.config.privacy.mode == "sample"]
         if sampled:  # the least noise the partition gets: the sample-mode cell with the largest target epsilon
