@@ -387,7 +387,9 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
         if sampled:  # the least noise the partition gets: the sample-mode cell with the largest target epsilon
             dp = max(sampled, key=lambda c: c.config.privacy.target_epsilon or 0.0).config
             zs = ", ".join(f"{record_noise_multiplier(dp, n):.2f}" for n in sizes)
-            noise = f"ε={dp.privacy.target_epsilon:g}: {zs}" if dp.privacy.target_epsilon else zs
+            p = dp.privacy
+            noise = (f"ε={p.target_epsilon:g} ({SHORT_RELATIONS[p.mode]}, {p.accountant}, δ={p.delta:g}): {zs}"
+                     if p.target_epsilon else zs)
         else:
             noise = "-"
         names = {column(c): c.config.name for c in group}

@@ -288,7 +288,8 @@ def test_a_non_iid_study_tabulates_each_seed_s_partition_and_its_cells_accuracy(
                                          steps=cfg.federation.local_steps, rounds=cfg.federation.rounds,
                                          kind=cfg.privacy.accountant)
               for q in rates]
-    assert rows[1][4] == "ε=4: " + ", ".join(f"{z:.2f}" for z in sigmas)
+    assert rows[1][4] == f"ε=4 (record-level, {cfg.privacy.accountant}, δ={cfg.privacy.delta:g}): " + ", ".join(
+        f"{z:.2f}" for z in sigmas)
 
 
 def test_an_iid_study_has_no_partition_table() -> None:
