@@ -215,6 +215,7 @@ def run_study(
     commit = code_version(study)  # the code this process loaded: later edits to the checkout do not run here
     rows: dict[int, dict[str, Any]] = {}  # by the cell's position in the grid, which orders the table
     failed: dict[str, str] = {}
+    published: dict[str, Any] | None = None  # the last publish, while nothing has changed since
     for training in (False, True):  # first every finished run, then training the missing ones
         for i, cell in enumerate(cells, 1):
             if i in rows or cell.config.name in failed:
@@ -230,12 +231,16 @@ def run_study(
             except Exception as err:
                 failed[cell.config.name] = f"{type(err).__name__}: {err}"
                 log.error("study %s: %s failed: %s", study.name, cell.config.name, failed[cell.config.name])
+                published = None
                 continue
             if row is not None:
                 rows[i] = row
+                published = None
             if ran:
-                publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
-    return publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
+                published = publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
+    if published is None:
+        published = publish(study, output_dir, [rows[k] for k in sorted(rows)], failed, len(cells), cells)
+    return published
 
 
 def study_cell(
@@ -281,24 +286,30 @@ def publish(
     out = output_dir / study.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
-    if study.results_doc and not rows:  # e.g. the study was edited: its old table no longer applies
-        write_section(Path(study.results_doc), study.name,
+    if study.results_doc is None:
+        return results
+    doc = Path(study.results_doc)
+    bars_png = doc.parent / "results" / f"{study.name}.png"
+    frontier_png = doc.parent / "results" / f"{study.name}-frontier.png"
+    images: list[Path] = []
+    if not rows:  # e.g. the study was edited: its old table no longer applies
+        write_section(doc, study.name,
                       f"No run of this study's current grid has finished yet (0 of {planned}): run the command above.")
-    elif study.results_doc:
-        doc = Path(study.results_doc)
-        png = study_bars(results["summary"], doc.parent / "results" / f"{study.name}.png",
-                         title=f"study {study.name}: mean over seeds, bars one sample sd")
-        images = [png]
+    else:
+        images.append(study_bars(results["summary"], bars_png,
+                                 title=f"study {study.name}: mean over seeds, bars one sample sd"))
         modes = {tuple(r["levels"].values()): r["privacy_mode"] for r in rows}
         if study.frontier is not None and "sample" in modes.values():
             images.append(study_frontier(
-                results["summary"], modes, study.frontier, doc.parent / "results" / f"{study.name}-frontier.png",
+                results["summary"], modes, study.frontier, frontier_png,
                 title=f"study {study.name}: test accuracy against record-level epsilon, mean over seeds, bars one sd",
             ))
         links = "".join(f"![{p.stem}]({p.relative_to(doc.parent).as_posix()})\n" for p in images)
         partitions = partition_table(cells, rows)
         body = links + "\n" + results_table(results) + (f"\n\n{partitions}" if partitions else "")
         write_section(doc, study.name, body)
+    for stale in {bars_png, frontier_png} - set(images):  # a plot the section no longer links
+        stale.unlink(missing_ok=True)
     return results
 
 

@@ -255,6 +255,17 @@ def test_a_study_without_finished_runs_replaces_an_old_table(tmp_path: Path) -> 
     assert "old" not in doc.read_text() and "0 of 2" in doc.read_text() and doc.read_text().startswith("intro")
 
 
+def test_a_study_without_finished_runs_removes_its_old_plots(tmp_path: Path) -> None:
+    study = StudyConfig(name="e", base="b.yaml", results_doc=str(tmp_path / "results.md"), frontier="privacy",
+                        axes={"privacy": {"eps8": {}}})
+    plots = [tmp_path / "results" / "e.png", tmp_path / "results" / "e-frontier.png"]
+    for png in plots:
+        png.parent.mkdir(exist_ok=True)
+        png.write_bytes(b"an old plot")
+    publish(study, tmp_path / "outputs", [], {}, planned=1)
+    assert not any(png.exists() for png in plots)
+
+
 def table_cells(text: str) -> list[list[str]]:
     """The body rows of the one markdown table in text, each as its cells."""
     return [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
@@ -412,6 +423,22 @@ def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
     run_study(study)  # trains s0, the first cell; s1 is finished
     assert calls == ["r-low-s1", "r-low-s0"]
     assert tables[0] == ["r-low-s0", "r-low-s1"]  # written just after s0 trained
+
+
+def test_a_study_whose_last_cell_trained_writes_its_table_once_after_it(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, calls = recorded
+    written: list[list[str]] = []
+
+    def spy(study: StudyConfig, output_dir: Path, rows: list[dict[str, object]], *args: object) -> object:
+        written.append([str(r["name"]) for r in rows])
+        return publish(study, output_dir, rows, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flows.study, "publish", spy)
+    assert [r["name"] for r in run_study(study)["rows"]] == ["r-low-s0", "r-low-s1"]
+    assert calls == ["r-low-s0", "r-low-s1"]
+    assert written == [["r-low-s0"], ["r-low-s0", "r-low-s1"]]  # after each run, and not again at the end
 
 
 def test_only_naming_no_run_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
