@@ -11,6 +11,7 @@ Mode `paper` is answered with the DP-LoRA paper's own per-iteration formula (`pa
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -114,6 +115,7 @@ class PrivacyLedger:
         return ledger
 
 
+@functools.cache  # pure in its scalars; a study's partition table asks for the same sigmas after every run
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int = 1, kind: AccountantKind
 ) -> float:
