@@ -280,7 +280,8 @@ def publish(
     cells: Sequence[Cell] = (),
 ) -> dict[str, Any]:
     """Write `output_dir/<study>/results.json` and, if set, the study's section of `results_doc` (table, PNG and,
-    given the grid's cells, the per-seed table of its non-IID partitions)."""
+    given the grid's cells, the per-seed table of its non-IID partitions); a plot of the study's that the
+    section no longer links is deleted."""
     results: dict[str, Any] = {"study": study.model_dump(mode="json"), "planned": planned, "rows": rows,
                                "failed": failed, "summary": summarise(rows, NUMBERS)}
     out = output_dir / study.name
