@@ -322,6 +322,11 @@ def fmt(value: tuple[float, float] | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def guarantee_label(mode: str, accountant: str, delta: float) -> str:
+    """What an epsilon in a table is for: '(record-level, rdp, δ=1e-05)'."""
+    return f"({SHORT_RELATIONS[mode]}, {accountant}, δ={delta:g})"
+
+
 def results_table(results: dict[str, Any]) -> str:
     """Markdown: one row per grid cell, mean ± sd over seeds, each epsilon's relation, accountant and delta named.
     Validation (the last round's, on the capped validation split) is what to choose settings by; test is reported."""
@@ -334,7 +339,7 @@ def results_table(results: dict[str, Any]) -> str:
     for s in results["summary"]:
         r = privacy[tuple(s["levels"].values())]
         eps = "∞ (no DP)" if r["privacy_mode"] == "none" else (
-            f"{fmt(s['epsilon'], 2)} ({SHORT_RELATIONS[r['privacy_mode']]}, {r['accountant']}, δ={r['delta']:g})"
+            f"{fmt(s['epsilon'], 2)} {guarantee_label(r['privacy_mode'], r['accountant'], r['delta'])}"
         )
         if r.get("server_view_epsilon") is not None:  # mode distributed
             eps += f"; each upload, as the server sees it: {r['server_view_epsilon']:.2f}"
@@ -400,7 +405,7 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
             dp = max(sampled, key=lambda c: c.config.privacy.target_epsilon or 0.0).config
             zs = ", ".join(f"{record_noise_multiplier(dp, n):.2f}" for n in sizes)
             p = dp.privacy
-            noise = (f"ε={p.target_epsilon:g} ({SHORT_RELATIONS[p.mode]}, {p.accountant}, δ={p.delta:g}): {zs}"
+            noise = (f"ε={p.target_epsilon:g} {guarantee_label(p.mode, p.accountant, p.delta)}: {zs}"
                      if p.target_epsilon else zs)
         else:
             noise = "-"

@@ -407,12 +407,8 @@ def test_only_trains_the_runs_it_names_and_tabulates_the_others_finished_runs(re
     assert calls == ["r-low-s1", "r-low-s0"]
 
 
-def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
-    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An interrupted study's document keeps every row it had, not only those of the cells before the cut."""
-    study, calls = recorded
-    run_study(study, only=["*-s1"])
+def spy_on_publish(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The run names of each table `run_study` publishes from now on, in order (publishing still happens)."""
     tables: list[list[str]] = []
 
     def spy(study: StudyConfig, output_dir: Path, rows: list[dict[str, object]], *args: object) -> object:
@@ -420,6 +416,15 @@ def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
         return publish(study, output_dir, rows, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(flows.study, "publish", spy)
+    return tables
+
+def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted study's document keeps every row it had, not only those of the cells before the cut."""
+    study, calls = recorded
+    run_study(study, only=["*-s1"])
+    tables = spy_on_publish(monkeypatch)
     run_study(study)  # trains s0, the first cell; s1 is finished
     assert calls == ["r-low-s1", "r-low-s0"]
     assert tables[0] == ["r-low-s0", "r-low-s1"]  # written just after s0 trained
@@ -429,13 +434,7 @@ def test_a_study_whose_last_cell_trained_writes_its_table_once_after_it(
     recorded: Recorded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study, calls = recorded
-    written: list[list[str]] = []
-
-    def spy(study: StudyConfig, output_dir: Path, rows: list[dict[str, object]], *args: object) -> object:
-        written.append([str(r["name"]) for r in rows])
-        return publish(study, output_dir, rows, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(flows.study, "publish", spy)
+    written = spy_on_publish(monkeypatch)
     assert [r["name"] for r in run_study(study)["rows"]] == ["r-low-s0", "r-low-s1"]
     assert calls == ["r-low-s0", "r-low-s1"]
     assert written == [["r-low-s0"], ["r-low-s0", "r-low-s1"]]  # after each run, and not again at the end
