@@ -36,11 +36,11 @@ from dplora_core.io import atomic_write
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import dtype_name, resolve_device, resolve_dtype
 from dplora_core.privacy.accountant import (
-    SHORT_RELATIONS,
     DpSgdRun,
     LedgerKind,
     PrivacyLedger,
     describe_guarantee,
+    short_guarantee,
 )
 from dplora_core.train import sample_rate
 from flows.report import label_histogram_plot
@@ -375,7 +375,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 average=state.average,
             )
             row = track_round(state, run, checkpoint)
-            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {short_guarantee(cfg, row['epsilon'])}")
+            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {progress_epsilon(cfg, row['epsilon'])}")
             rounds_bar.update()
             log.info(
                 "round %d/%d: val acc %.4f, macro-F1 %.4f, loss %.4f; %s so far; clients %s",
@@ -384,7 +384,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 row["val_accuracy"],
                 row["val_macro_f1"],
                 row["val_loss"],
-                short_guarantee(cfg, row["epsilon"]),
+                progress_epsilon(cfg, row["epsilon"]),
                 "private (mode client)" if row["clients"] is None else ",".join(map(str, row["clients"])),
             )
         summary = write_outputs(cfg, state, run, full_bytes, stopped)
@@ -449,12 +449,12 @@ def planned_privacy(cfg: ExperimentConfig, state: RunState) -> str:
     return f"{budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
-def short_guarantee(cfg: ExperimentConfig, epsilon: float) -> str:
+def progress_epsilon(cfg: ExperimentConfig, epsilon: float) -> str:
     """The epsilon for a progress bar, still naming its relation, accountant and delta."""
     p = cfg.privacy
     if p.mode == "none":
         return "no DP"
-    return f"epsilon {epsilon:.2f} ({SHORT_RELATIONS[p.mode]}, {ledger_kind(cfg)}, delta {p.delta:g})"
+    return f"epsilon {epsilon:.2f} ({short_guarantee(mode=p.mode, accountant=ledger_kind(cfg), delta=p.delta)})"
 
 
 def progress_bar(**kwargs: Any) -> tqdm[Any]:

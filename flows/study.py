@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint, set_aside
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
 from dplora_core.io import atomic_write, read_json
-from dplora_core.privacy.accountant import SHORT_RELATIONS
+from dplora_core.privacy.accountant import short_guarantee
 from dplora_core.study import Cell, StudyConfig, expand, selected, summarise
 from flows.federated import checkpoint_config_changes
 from flows.pipeline import dplora_pipeline
@@ -322,11 +322,6 @@ def fmt(value: tuple[float, float] | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def guarantee_label(mode: str, accountant: str, delta: float) -> str:
-    """What an epsilon in a table is for: '(record-level, rdp, δ=1e-05)'."""
-    return f"({SHORT_RELATIONS[mode]}, {accountant}, δ={delta:g})"
-
-
 def results_table(results: dict[str, Any]) -> str:
     """Markdown: one row per grid cell, mean ± sd over seeds, each epsilon's relation, accountant and delta named.
     Validation (the last round's, on the capped validation split) is what to choose settings by; test is reported."""
@@ -339,7 +334,8 @@ def results_table(results: dict[str, Any]) -> str:
     for s in results["summary"]:
         r = privacy[tuple(s["levels"].values())]
         eps = "∞ (no DP)" if r["privacy_mode"] == "none" else (
-            f"{fmt(s['epsilon'], 2)} {guarantee_label(r['privacy_mode'], r['accountant'], r['delta'])}"
+            f"{fmt(s['epsilon'], 2)} "
+            f"({short_guarantee(mode=r['privacy_mode'], accountant=r['accountant'], delta=r['delta'])})"
         )
         if r.get("server_view_epsilon") is not None:  # mode distributed
             eps += f"; each upload, as the server sees it: {r['server_view_epsilon']:.2f}"
@@ -405,8 +401,8 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
             dp = max(sampled, key=lambda c: c.config.privacy.target_epsilon or 0.0).config
             zs = ", ".join(f"{record_noise_multiplier(dp, n):.2f}" for n in sizes)
             p = dp.privacy
-            noise = (f"ε={p.target_epsilon:g} {guarantee_label(p.mode, p.accountant, p.delta)}: {zs}"
-                     if p.target_epsilon else zs)
+            label = short_guarantee(mode=p.mode, accountant=p.accountant, delta=p.delta)
+            noise = f"ε={p.target_epsilon:g} ({label}): {zs}" if p.target_epsilon else zs
         else:
             noise = "-"
         names = {column(c): c.config.name for c in group}

@@ -17,6 +17,7 @@ from dplora_core.privacy.accountant import (
     make_accountant,
     paper_epsilon,
     paper_noise_multiplier,
+    short_guarantee,
 )
 from dplora_core.privacy.client_level import update_noise_multiplier
 
@@ -173,3 +174,7 @@ def test_every_mode_names_its_relation() -> None:
     assert "client-level" in describe_guarantee(mode="client", epsilon=3.0, delta=1e-5, kind="rdp")
     paper = describe_guarantee(mode="paper", epsilon=3.0, delta=1e-5, kind="rdp")
     assert "paper bound, not a certified record-level guarantee" in paper and "RDP" not in paper
+
+
+def test_the_short_label_names_relation_accountant_and_delta() -> None:
+    assert short_guarantee(mode="client", accountant="pld", delta=1e-5) == "client-level, pld, δ=1e-05"

@@ -377,7 +377,7 @@ def test_progress_bars_show_rounds_clients_and_the_named_epsilon_on_a_terminal(
     dplora_pipeline(cfg)
     shown = terminal.getvalue()
     assert "rounds: 100%" in shown and "round 1 clients:" in shown  # the clients bar clears itself when done
-    assert "(record-level, rdp, delta 0.001)" in shown
+    assert "(record-level, rdp, δ=0.001)" in shown
 
 
 def test_int8_uploads_train_under_the_same_guarantee_and_cost_fewer_bytes(
