@@ -418,6 +418,7 @@ def spy_on_publish(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     monkeypatch.setattr(flows.study, "publish", spy)
     return tables
 
+
 def test_the_table_written_after_a_run_keeps_the_finished_runs_of_later_cells(
     recorded: Recorded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
