@@ -178,6 +178,7 @@ SHORT_RELATIONS = {
     "none": "no DP",
 }
 
+
 def short_guarantee(*, mode: str, accountant: str, delta: float) -> str:
     """What an epsilon is for, in a few words (tables, progress bars): 'record-level, rdp, δ=1e-05'."""
     return f"{SHORT_RELATIONS[mode]}, {accountant}, δ={delta:g}"
