@@ -412,7 +412,8 @@ def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> st
             f"{sizes[b] / sum(sizes):.0%}, {hist[b][common] / sizes[b]:.0%}", noise,
             *["excluded" if col not in names else accuracy_cell(finished.get(names[col])) for col in columns],
         ]) + " |")
-    return "\n".join(["Per seed, the non-IID partitions (recomputed from the configs) and each cell's test accuracy "
+    return "\n".join(["Per seed, the non-IID partitions (recomputed from the configs; simulation statistics, outside "
+                      "DP: a deployment would not publish its clients' label counts) and each cell's test accuracy "
                       "(macro-F1) on them, '-' if it has not run yet:", "", *lines])
 
 

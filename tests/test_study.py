@@ -285,6 +285,7 @@ def test_a_non_iid_study_tabulates_each_seed_s_partition_and_its_cells_accuracy(
     row = {"name": "s-dir-eps4-s1", "test_accuracy": 0.7, "test_macro_f1": 0.5}
     text = flows.study.partition_table(cells, [row])
     rows = table_cells(text)
+    assert "outside DP" in text.splitlines()[0]  # the clients' exact label counts are not covered by any epsilon
     assert [r[:2] for r in rows] == [["0", "dirichlet α=0.5"], ["1", "dirichlet α=0.5"]]  # the IID cells have none
     assert "| eps4 | nodp |" in text
     assert rows[1][5:] == ["0.700 (0.500)", "-"] and rows[0][5:] == ["-", "excluded"]
