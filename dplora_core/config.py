@@ -128,6 +128,14 @@ class PrivacyConfig(_Strict):
             raise ValueError(f"privacy: mode {self.mode!r} needs target_epsilon, noise_multiplier, or both")
         return self
 
+    @property
+    def rerun_replays(self) -> bool:
+        """Whether running a client's training again repeats its release: without DP, or with seeded noise.
+        Under DP with OS-entropy noise a re-run draws a new sample and new noise, and releasing the first
+        attempt that succeeds is the mechanism conditioned on success, which the accountant does not compose:
+        such a client is never retried, by Prefect or by a Dask or Ray scheduler."""
+        return self.mode == "none" or self.noise_seed is not None
+
 
 class SiloConfig(_Strict):
     """One organisation in cross-silo mode. Its own worker serves the deployment `client-train/<name>`
@@ -453,8 +461,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _delta_fits_the_known_sizes(self) -> ExperimentConfig:
-        """delta << 1/n, checked here where n is in the config (mode client: the clients; cross-silo: the silos'
-        declared record counts); a simulation's client sizes come from its partition, checked when planning.
+        """delta << 1/n, checked here where n is in the config (mode client: the clients; cross-silo: the records
+        the silos declare, together: the released adapter reads them all); a simulation's client sizes come from
+        its partition, checked when planning.
         Mode client takes no quorum."""
         p, f = self.privacy, self.federation
         if p.mode == "client":
@@ -466,8 +475,8 @@ class ExperimentConfig(_Strict):
                     "zero to the noised sum instead)"
                 )
         elif p.mode != "none" and f.silos is not None:
-            for k, silo in enumerate(f.silos):
-                check_delta(p.delta, silo.num_examples, f"silo {silo.name} (federation.silos[{k}].num_examples)")
+            records = sum(silo.num_examples for silo in f.silos)
+            check_delta(p.delta, records, "the silos' records together (federation.silos[*].num_examples)")
         return self
 
     @property

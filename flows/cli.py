@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.runners import RunnerError, check_runner
 
         try:
-            check_runner(cfg.runner)
+            check_runner(cfg.runner, rerun_lost=cfg.privacy.rerun_replays)
         except RunnerError as err:
             print(f"dplora: {args.config}: {err}", file=sys.stderr)
             return 2

@@ -11,6 +11,7 @@ from prefect import flow
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import DataError
 from dplora_core.io import atomic_write
+from dplora_core.privacy.accountant import SHORT_RELATIONS
 from flows.registry import register_final_adapter, registered_name
 from flows.tracking import ExperimentRun
 from tasks.runtime import eval_prompts
@@ -55,18 +56,23 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     return metrics
 
 
-def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | str | None]:
-    """The few numbers `dvc metrics show` and `dvc exp show` compare across experiments (summary.json)."""
+def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | str | bool | None]:
+    """The few numbers `dvc metrics show` and `dvc exp show` compare across experiments (summary.json); each
+    epsilon with its relation, accountant and delta, as everywhere (the full sentence: training.json)."""
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
+    server_view = {"server_view_epsilon": priv["server_view_epsilon"]} if "server_view_epsilon" in priv else {}
     return {
         "test_accuracy": test["final"]["accuracy"],
         "test_macro_f1": test["final"]["macro_f1"],
         "zero_shot_accuracy": test["zero_shot"]["accuracy"],
         "majority_class_accuracy": test["majority_class_accuracy"],
         "epsilon": priv["epsilon"],  # null without DP
+        **server_view,  # mode distributed: against the server, which sees each upload with its share of the noise
         "delta": priv["delta"] if priv["mode"] != "none" else None,
-        "privacy_mode": priv["mode"],  # sample: record-level; client: client-level; paper: the paper's bound
+        "privacy_mode": priv["mode"],
+        "relation": SHORT_RELATIONS[priv["mode"]],  # record-level, client-level, paper bound, ...
         "accountant": priv["accountant"],
+        "noise_seed_fixed": priv.get("noise_seed_fixed"),  # true: void against whoever knows privacy.noise_seed
         "rounds": metrics["rounds"],
         "bytes_up": b["up"],  # null in mode client: participation stays on the server
         "bytes_down": b["down"],

@@ -215,9 +215,10 @@ def budget_guard(cfg: ExperimentConfig, state: RunState, events: dict[str, DpSgd
         after = state.ledgers[key].epsilon(delta=cfg.privacy.delta, extra=(run,))
         if after > target:
             who = "the client population" if key == POPULATION else f"client {key}"
+            what = short_guarantee(mode=cfg.privacy.mode, accountant=ledger_kind(cfg), delta=cfg.privacy.delta)
             return (
-                f"budget guard: round {state.global_model.round + 1} would take {who} to epsilon {after:.3f}, "
-                f"past privacy.target_epsilon = {target:g} (delta {cfg.privacy.delta:g}); stopping before it"
+                f"budget guard: round {state.global_model.round + 1} would take {who} to epsilon {after:.3f} "
+                f"({what}), past privacy.target_epsilon = {target:g}; stopping before it"
             )
     return None
 
@@ -248,6 +249,8 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy",
                       "dplora.base_dtype": base_dtype(cfg)})
         state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id, server_view=new_server_view(cfg))
+        # what the per-round epsilon metrics are for, from the start; write_outputs replaces it with what was spent
+        run.set_tags({"dplora.guarantee": f"planned: {planned_privacy(cfg, state)}"})
         log_label_histograms(cfg, run)
         return state, run
     changed = checkpoint_config_changes(cfg, checkpoint)
@@ -271,16 +274,17 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
             f"({type(err).__name__}: {err})"
         ) from err
     pending = checkpoint.state.get("pending")
-    if pending and cfg.privacy.noise_seed is None:
-        # The interrupted round may already have released noisy updates; re-running it draws fresh noise,
-        # a second release. Charge the first one. (With a fixed seed the re-run repeats the same release.)
+    if pending:
+        # The interrupted round may already have released noisy updates, and re-running it is a second release:
+        # fresh noise, or with a fixed seed the same noise on a result that may differ (another runner, device,
+        # dtype or CPU, LoRA dropout from the global RNG). Charge the first one.
         for key, event in pending["events"].items():
             state.ledgers[key].record(DpSgdRun(**event))
         for key, event in pending.get("uploads", {}).items():  # mode distributed: the server saw them too
             state.server_view[key].record(DpSgdRun(**event))
         get_run_logger().warning(
             "round %d was interrupted after it may have released client updates: its privacy cost is charged, "
-            "and the round runs again with fresh noise",
+            "and the round runs again, charged again",
             pending["round"],
         )
     run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
@@ -321,7 +325,8 @@ def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
 
 def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Run `federated_finetune` on the task runner of `config.runner` (threads, Dask or Ray)."""
-    return federated_finetune.with_options(task_runner=task_runner(config.runner))(config, resume=resume)
+    runner = task_runner(config.runner, rerun_lost=config.privacy.rerun_replays)
+    return federated_finetune.with_options(task_runner=runner)(config, resume=resume)
 
 
 # The default, runner.kind threads: one base model in the flow's process and one client trains at a time on
@@ -570,8 +575,8 @@ def client_trainer(cfg: ExperimentConfig) -> Task[..., ClientUpdate]:
     p, f = cfg.privacy, cfg.federation
     if f.silos is not None:
         return train_remote.with_options(timeout_seconds=f.client_timeout_seconds)
-    if p.mode != "none" and p.noise_seed is None:
-        return train_client.with_options(retries=0)
+    if not p.rerun_replays:
+        return train_client.with_options(retries=0)  # and the Dask or Ray scheduler re-runs none (flows.runners)
     return train_client
 
 
@@ -663,6 +668,7 @@ def write_outputs(
             "noise_multipliers": asdict(state.plan),
             "per_client_epsilon": {k: v for k, v in per_ledger.items() if k != POPULATION},
             "guarantee": guarantee,
+            "noise_seed_fixed": p.noise_seed is not None,
             "ledgers": {k: ledger.state_dict() for k, ledger in state.ledgers.items()},
             **(
                 {

@@ -16,7 +16,7 @@ from tasks.data import partition_clients, prepare_data
 @flow(name="dplora-pipeline")
 def dplora_pipeline(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
-    check_runner(config.runner)  # a runner that cannot start fails here, before any work
+    check_runner(config.runner, rerun_lost=config.privacy.rerun_replays)  # fails here, before any work
     prepare_data(config)
     if config.federation.silos is None:  # cross-silo: the silos hold the training records, not this machine
         partition_clients(config)

@@ -42,7 +42,7 @@ def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -
         ("zero-shot accuracy / macro-F1", f"{zs['accuracy']:.4f} / {zs['macro_f1']:.4f}"),
         ("final accuracy / macro-F1", f"{fin['accuracy']:.4f} / {fin['macro_f1']:.4f}"),
         ("majority-class accuracy", f"{test['majority_class_accuracy']:.4f}"),
-        ("epsilon spent", eps),
+        ("paper bound" if priv["mode"] == "paper" else "epsilon spent", eps),
         ("delta", f"{priv['delta']:g}" if priv["mode"] != "none" else "-"),
         ("guarantee", priv["guarantee"]),
         ("rounds x clients", f"{metrics['rounds']} x {metrics['num_clients']}"),

@@ -5,6 +5,10 @@ dask / ray: clients train in worker processes of a local cluster (`runner.worker
 model each, loaded once per process by `tasks.runtime.workspace`) or of an existing one (`runner.address`).
 Worker processes report task states to the Prefect API, so they need a real server (PREFECT_API_URL):
 with Prefect's temporary in-process server, every worker would start an API of its own.
+Both schedulers re-run a task whose worker process died (Dask: `distributed.scheduler.allowed-failures`,
+Ray: a task's `max_retries`, 3 by default). Where a re-run would be a second, fresh DP release
+(`PrivacyConfig.rerun_replays` false), the runner built here re-runs none: a local Dask cluster allows no
+failure, Ray tasks get `max_retries=0`, and an existing Dask scheduler must be configured so (checked).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ class RunnerError(RuntimeError):
     """The configured task runner cannot run here: a missing package or no Prefect server."""
 
 
-def check_runner(runner: RunnerConfig) -> None:
-    """Raise RunnerError naming runner.kind if its package or a Prefect server is missing; before any work."""
+def check_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> None:
+    """Raise RunnerError naming runner.kind if its package or a Prefect server is missing, or (rerun_lost
+    False) if the existing Dask scheduler at runner.address would re-run a lost task; before any work."""
     if runner.kind == "threads":
         return
     module, extra = EXTRAS[runner.kind]
@@ -37,21 +42,54 @@ def check_runner(runner: RunnerConfig) -> None:
             f"runner.kind {runner.kind!r} runs tasks in other processes, which need a Prefect server: "
             "start one (`prefect server start`) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
         )
+    if runner.kind == "dask" and runner.address and not rerun_lost:
+        allowed = dask_allowed_failures(runner.address)
+        if allowed != 0:
+            raise RunnerError(
+                f"runner.address {runner.address}: this Dask scheduler re-runs a task whose worker died "
+                f"(distributed.scheduler.allowed-failures = {allowed}); under DP with noise from OS entropy that "
+                "re-run is a fresh release the accountant does not compose. Start the scheduler with "
+                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0, or set privacy.noise_seed"
+            )
 
 
-def task_runner(runner: RunnerConfig) -> TaskRunner[PrefectFuture[Any]]:
-    """A fresh task runner for one flow run, as configured."""
-    check_runner(runner)
+def dask_allowed_failures(address: str) -> int:
+    """How many worker deaths the Dask scheduler at `address` lets a task survive (re-running it each time)."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        return int(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures))
+
+
+def task_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> TaskRunner[PrefectFuture[Any]]:
+    """A fresh task runner for one flow run, as configured; rerun_lost False: no task runs twice when its
+    worker dies (see the module's docstring)."""
+    check_runner(runner, rerun_lost=rerun_lost)
     if runner.kind == "dask":
         from prefect_dask import DaskTaskRunner
 
         if runner.address:
             return cast("TaskRunner[PrefectFuture[Any]]", DaskTaskRunner(address=runner.address))
-        local = {"n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        local = {"n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+                 **({} if rerun_lost else {"scheduler_kwargs": {"allowed_failures": 0}})}
         return cast("TaskRunner[PrefectFuture[Any]]", DaskTaskRunner(cluster_kwargs=local))
     if runner.kind == "ray":
         from prefect_ray import RayTaskRunner
 
         init = {} if runner.address else {"num_cpus": runner.workers, "include_dashboard": False}
-        return cast("TaskRunner[PrefectFuture[Any]]", RayTaskRunner(address=runner.address, init_kwargs=init))
+        ray_runner = RayTaskRunner if rerun_lost else no_rerun_ray_task_runner()
+        return cast("TaskRunner[PrefectFuture[Any]]", ray_runner(address=runner.address, init_kwargs=init))
     return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=runner.workers))
+
+
+def no_rerun_ray_task_runner() -> type[Any]:
+    """prefect-ray's runner with `max_retries=0` on every task: a task whose worker died fails, not re-runs."""
+    from prefect_ray import RayTaskRunner
+    from prefect_ray.context import remote_options
+
+    class NoRerunRayTaskRunner(RayTaskRunner):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            with remote_options(max_retries=0):
+                return super().submit(*args, **kwargs)
+
+    return NoRerunRayTaskRunner

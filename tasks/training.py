@@ -111,8 +111,7 @@ def plan_noise(cfg: ExperimentConfig) -> NoisePlan:
             update_noise_multiplier(z, count_stddev(cfg))  # refuses a count noise the budget cannot pay for
         return NoisePlan(server=z)
     sizes = client_sizes(cfg)
-    for k, n in enumerate(sizes):
-        check_delta(p.delta, n, f"client {k}")
+    check_delta(p.delta, sum(sizes), f"the {len(sizes)} clients' records together")  # the adapter reads them all
     if p.mode == "distributed":
         return distributed_noise_plan(cfg, sizes)
     if p.noise_multiplier is not None:

@@ -174,6 +174,7 @@ def test_every_mode_names_its_relation() -> None:
     assert "client-level" in describe_guarantee(mode="client", epsilon=3.0, delta=1e-5, kind="rdp")
     paper = describe_guarantee(mode="paper", epsilon=3.0, delta=1e-5, kind="rdp")
     assert "paper bound, not a certified record-level guarantee" in paper and "RDP" not in paper
+    assert ")-DP" not in paper  # the formula certifies no (epsilon, delta)-DP for the run
 
 
 def test_the_short_label_names_relation_accountant_and_delta() -> None:

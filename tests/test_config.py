@@ -128,9 +128,10 @@ def write(tmp_path: Path, tree: dict) -> Path:
             "privacy.delta (0.05) is too large for the client population (federation.num_clients)", "delta * n = 0.2",
         ),
         (
-            {"privacy": {"delta": 0.02}, "federation": {"num_clients": 1, "clients_per_round": 1, "exchange_dir": "x",
-                                                        "silos": [{"name": "bank", "num_examples": 9}]}},
-            "too large for silo bank (federation.silos[0].num_examples)", "(9 records or clients)",
+            {"privacy": {"delta": 0.02}, "federation": {"num_clients": 2, "clients_per_round": 2, "exchange_dir": "x",
+                                                        "silos": [{"name": "bank", "num_examples": 4},
+                                                                  {"name": "clinic", "num_examples": 5}]}},
+            "too large for the silos' records together (federation.silos[*].num_examples)", "(9 records or clients)",
         ),
     ],
 )

@@ -40,7 +40,8 @@ def test_pipeline_writes_the_numbers_dvc_compares(finished) -> None:
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] == metrics["test"]["final"]["accuracy"]
     assert summary["epsilon"] == metrics["privacy"]["epsilon"] and summary["delta"] == cfg.privacy.delta
-    assert (summary["privacy_mode"], summary["accountant"]) == ("sample", "rdp")
+    assert (summary["privacy_mode"], summary["relation"], summary["accountant"]) == ("sample", "record-level", "rdp")
+    assert summary["noise_seed_fixed"] is True  # the test config's seed: the guarantee is void for its holders
 
 
 def test_pipeline_spends_at_most_the_target_epsilon(finished) -> None:
@@ -258,10 +259,15 @@ def test_non_private_baseline_reports_no_guarantee(
     assert [a.path for a in artifacts] == ["data/label_histograms.png"]  # and so may the label counts
 
 
-def test_delta_too_large_for_a_client_is_refused_before_training(finished) -> None:
+def test_delta_too_large_for_the_federations_records_is_refused_before_training(finished) -> None:
+    from tasks.runtime import read_partition
+
     cfg, _ = finished
-    bad = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.5})})
-    with pytest.raises(ValueError, match=r"privacy\.delta \(0\.5\) is too large for client 0 .* delta \* n"):
+    total = sum(len(shard) for shard in read_partition(cfg))
+    delta = 0.1 / total * 1.5  # below 0.1 / n for every client, above it for all their records together
+    assert all(delta * len(shard) <= 0.1 for shard in read_partition(cfg))
+    bad = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": delta})})
+    with pytest.raises(ValueError, match=rf"too large for the \d clients' records together \({total} records"):
         plan_noise.fn(bad)
 
 

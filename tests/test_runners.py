@@ -7,6 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -87,3 +88,44 @@ def test_a_runner_whose_package_is_missing_is_named(monkeypatch: pytest.MonkeyPa
 def test_an_address_needs_a_cluster_runner() -> None:
     with pytest.raises(ValueError, match=r"runner\.address is for runner\.kind dask or ray"):
         RunnerConfig(address="tcp://127.0.0.1:8786")
+
+
+def local_scheduler(**scheduler_kwargs: int) -> Any:
+    """A Dask scheduler in this process with no workers, reachable over TCP like an existing cluster's."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=None,
+                        scheduler_kwargs=scheduler_kwargs)
+
+
+def test_a_local_dask_cluster_reruns_no_task_whose_worker_died_when_a_rerun_is_a_fresh_release() -> None:
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):  # checked for, not contacted
+        runner = runners.task_runner(RunnerConfig(kind="dask"), rerun_lost=False)
+    kwargs = {**runner.cluster_kwargs, "n_workers": 0, "processes": False}  # type: ignore[attr-defined]
+    from distributed import LocalCluster
+
+    with LocalCluster(**kwargs) as cluster:
+        assert cluster.scheduler.allowed_failures == 0  # Dask's default, 3, would run it up to 4 times
+
+
+def test_an_existing_dask_scheduler_that_reruns_lost_tasks_is_refused_under_os_entropy_noise() -> None:
+    with local_scheduler() as cluster, temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        config = RunnerConfig(kind="dask", address=cluster.scheduler_address)
+        runners.check_runner(config, rerun_lost=True)  # seeded noise or no DP: a re-run replays, allowed
+        with pytest.raises(runners.RunnerError, match=r"allowed-failures = 3\).*ALLOWED_FAILURES=0"):
+            runners.check_runner(config, rerun_lost=False)
+    with local_scheduler(allowed_failures=0) as cluster, temporary_settings({PREFECT_API_URL: "http://x/api"}):
+        runners.check_runner(RunnerConfig(kind="dask", address=cluster.scheduler_address), rerun_lost=False)
+
+
+def test_ray_tasks_get_no_retries_when_a_rerun_is_a_fresh_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect_ray import RayTaskRunner
+    from prefect_ray.context import RemoteOptionsContext
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(RayTaskRunner, "submit", lambda self, *a, **k: seen.append(
+        RemoteOptionsContext.get().current_remote_options))  # what ray.remote(**options) would get
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        runner = runners.task_runner(RunnerConfig(kind="ray"), rerun_lost=False)
+    runner.duplicate().submit(None, {})  # Prefect runs a flow on a duplicate of its runner
+    assert seen == [{"max_retries": 0}]  # Ray's default, 3, would re-run a task whose worker died

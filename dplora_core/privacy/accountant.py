@@ -157,16 +157,17 @@ def calibrate_noise_multiplier(
 
 RELATIONS = {
     "sample": (
-        "record-level: adding or removing one record of one client's dataset (client dataset sizes treated as public)"
+        "record-level, zero-out: one record of one client's dataset replaced by a null record (client dataset "
+        "sizes are public; for this mechanism the same epsilon as adding or removing the record)"
     ),
     "client": (
         "client-level: adding or removing one client with all its records "
         "(Poisson client sampling; the server is trusted to clip and noise the updates)"
     ),
     "distributed": (
-        "record-level: adding or removing one record of one client's dataset, for everyone who sees only the sum "
-        "of the clients' uploads (the released adapters), any one client included (client dataset sizes treated "
-        "as public)"
+        "record-level, zero-out: one record of one client's dataset replaced by a null record, for everyone who "
+        "sees only the sum of the clients' uploads (the released adapters), any one client included (client "
+        "dataset sizes are public; for this mechanism the same epsilon as adding or removing the record)"
     ),
     "paper": "paper bound, not a certified record-level guarantee",
     "none": "none: no differential privacy",
@@ -207,8 +208,9 @@ def describe_guarantee(
         return "no differential privacy (privacy.mode = none): epsilon = infinity"
     if mode == "paper":
         kind = "paper"
+    claim = "" if mode == "paper" else "-DP"  # the paper's formula certifies no (epsilon, delta)-DP for the run
     text = (
-        f"(epsilon = {epsilon:.3f}, delta = {delta:g})-DP, {RELATIONS[mode]}; "
+        f"(epsilon = {epsilon:.3f}, delta = {delta:g}){claim}, {RELATIONS[mode]}; "
         f"{ACCOUNTANT_NAMES[kind]}, {MECHANISMS[mode]}"
     )
     if server_epsilon is not None:
