@@ -130,10 +130,11 @@ class PrivacyConfig(_Strict):
 
     @property
     def rerun_replays(self) -> bool:
-        """Whether running a client's training again repeats its release: without DP, or with seeded noise.
-        Under DP with OS-entropy noise a re-run draws a new sample and new noise, and releasing the first
-        attempt that succeeds is the mechanism conditioned on success, which the accountant does not compose:
-        such a client is never retried, by Prefect or by a Dask or Ray scheduler."""
+        """Whether a client whose training failed (and so released nothing) may train again: without DP, or with
+        seeded noise, whose retry draws the same sample and noise. Under DP with OS-entropy noise a retry draws
+        a new sample and new noise, and releasing the first attempt that succeeds is the mechanism conditioned
+        on success, which the accountant does not compose: such a client is never retried, by Prefect or by a
+        Dask or Ray scheduler."""
         return self.mode == "none" or self.noise_seed is not None
 
 

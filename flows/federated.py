@@ -274,17 +274,23 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
             f"({type(err).__name__}: {err})"
         ) from err
     pending = checkpoint.state.get("pending")
-    if pending:
-        # The interrupted round may already have released noisy updates, and re-running it is a second release:
-        # fresh noise, or with a fixed seed the same noise on a result that may differ (another runner, device,
-        # dtype or CPU, LoRA dropout from the global RNG). Charge the first one.
+    if pending and cfg.privacy.noise_seed is not None:
+        get_run_logger().warning(
+            "round %d was interrupted after it may have released client updates; with privacy.noise_seed fixed its "
+            "re-run adds the same noise, one release only if it recomputes the same updates bit for bit (same "
+            "runner, device, dtype and CPU kernels, no LoRA dropout). Seeded runs are for experiments only",
+            pending["round"],
+        )
+    elif pending:
+        # The interrupted round may already have released noisy updates; re-running it draws fresh noise,
+        # a second release. Charge the first one.
         for key, event in pending["events"].items():
             state.ledgers[key].record(DpSgdRun(**event))
         for key, event in pending.get("uploads", {}).items():  # mode distributed: the server saw them too
             state.server_view[key].record(DpSgdRun(**event))
         get_run_logger().warning(
             "round %d was interrupted after it may have released client updates: its privacy cost is charged, "
-            "and the round runs again, charged again",
+            "and the round runs again with fresh noise, charged again",
             pending["round"],
         )
     run = ExperimentRun(cfg, run_id=state.mlflow_run_id)
@@ -332,7 +338,7 @@ def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
 # The default, runner.kind threads: one base model in the flow's process and one client trains at a time on
 # it (Workspace.lock), so more than 2 threads add no speed, only memory (each torch thread gets its own OpenMP
 # team and allocator arena).
-@flow(name="federated-finetune", task_runner=task_runner(RunnerConfig()))
+@flow(name="federated-finetune", task_runner=task_runner(RunnerConfig(), rerun_lost=False))
 def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Federated LoRA fine-tuning with the configured differential privacy; `resume` continues from a checkpoint."""
     cfg, f = config, config.federation
@@ -607,7 +613,8 @@ def train_round_clients(
             if future.state.is_completed():
                 updates.append(future.result())
             else:
-                failed[k] = future.state.message or future.state.type.value
+                state = future.state  # a Dask worker lost under the task leaves it Running on the API
+                failed[k] = (state.message or state.type.value) if state.is_final() else "its worker was lost; not re-run"
             bar.update()
     released = {u.client_id for u in updates}  # a rejected update was still sent: its release is charged
     if f.silos is not None:  # a silo may have written its update and failed after: charge every silo started

@@ -29,7 +29,7 @@ class RunnerError(RuntimeError):
     """The configured task runner cannot run here: a missing package or no Prefect server."""
 
 
-def check_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> None:
+def check_runner(runner: RunnerConfig, *, rerun_lost: bool) -> None:
     """Raise RunnerError naming runner.kind if its package or a Prefect server is missing, or (rerun_lost
     False) if the existing Dask scheduler at runner.address would re-run a lost task; before any work."""
     if runner.kind == "threads":
@@ -53,15 +53,18 @@ def check_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> None:
             )
 
 
-def dask_allowed_failures(address: str) -> int:
+def dask_allowed_failures(address: str, *, timeout: float = 30) -> int:
     """How many worker deaths the Dask scheduler at `address` lets a task survive (re-running it each time)."""
     from distributed import Client
 
-    with Client(address, timeout=30) as client:
-        return int(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures))
+    try:
+        with Client(address, timeout=timeout) as client:
+            return int(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures))
+    except (OSError, TimeoutError) as err:
+        raise RunnerError(f"runner.address {address}: cannot reach the Dask scheduler ({err})") from err
 
 
-def task_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> TaskRunner[PrefectFuture[Any]]:
+def task_runner(runner: RunnerConfig, *, rerun_lost: bool) -> TaskRunner[PrefectFuture[Any]]:
     """A fresh task runner for one flow run, as configured; rerun_lost False: no task runs twice when its
     worker dies (see the module's docstring)."""
     check_runner(runner, rerun_lost=rerun_lost)
@@ -76,20 +79,10 @@ def task_runner(runner: RunnerConfig, *, rerun_lost: bool = True) -> TaskRunner[
     if runner.kind == "ray":
         from prefect_ray import RayTaskRunner
 
+        from flows.ray_runner import NoRerunRayTaskRunner
+
         init = {} if runner.address else {"num_cpus": runner.workers, "include_dashboard": False}
-        ray_runner = RayTaskRunner if rerun_lost else no_rerun_ray_task_runner()
+        ray_runner = RayTaskRunner if rerun_lost else NoRerunRayTaskRunner
         return cast("TaskRunner[PrefectFuture[Any]]", ray_runner(address=runner.address, init_kwargs=init))
     return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=runner.workers))
 
-
-def no_rerun_ray_task_runner() -> type[Any]:
-    """prefect-ray's runner with `max_retries=0` on every task: a task whose worker died fails, not re-runs."""
-    from prefect_ray import RayTaskRunner
-    from prefect_ray.context import remote_options
-
-    class NoRerunRayTaskRunner(RayTaskRunner):
-        def submit(self, *args: Any, **kwargs: Any) -> Any:
-            with remote_options(max_retries=0):
-                return super().submit(*args, **kwargs)
-
-    return NoRerunRayTaskRunner

@@ -82,7 +82,7 @@ def test_dask_without_a_prefect_server_is_refused_before_any_work(tiny_model_dir
 def test_a_runner_whose_package_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runners.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(runners.RunnerError, match=r"runner.kind 'ray' needs prefect_ray: pip install 'dplora\[ray\]'"):
-        runners.check_runner(RunnerConfig(kind="ray"))
+        runners.check_runner(RunnerConfig(kind="ray"), rerun_lost=True)
 
 
 def test_an_address_needs_a_cluster_runner() -> None:
@@ -109,10 +109,10 @@ def test_a_local_dask_cluster_reruns_no_task_whose_worker_died_when_a_rerun_is_a
 
 
 def test_an_existing_dask_scheduler_that_reruns_lost_tasks_is_refused_under_os_entropy_noise() -> None:
-    with local_scheduler() as cluster, temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+    with local_scheduler(allowed_failures=2) as cluster, temporary_settings({PREFECT_API_URL: "http://x/api"}):
         config = RunnerConfig(kind="dask", address=cluster.scheduler_address)
-        runners.check_runner(config, rerun_lost=True)  # seeded noise or no DP: a re-run replays, allowed
-        with pytest.raises(runners.RunnerError, match=r"allowed-failures = 3\).*ALLOWED_FAILURES=0"):
+        runners.check_runner(config, rerun_lost=True)  # seeded noise or no DP: a retry replays, allowed
+        with pytest.raises(runners.RunnerError, match=r"allowed-failures = 2\).*ALLOWED_FAILURES=0"):
             runners.check_runner(config, rerun_lost=False)
     with local_scheduler(allowed_failures=0) as cluster, temporary_settings({PREFECT_API_URL: "http://x/api"}):
         runners.check_runner(RunnerConfig(kind="dask", address=cluster.scheduler_address), rerun_lost=False)
@@ -129,3 +129,31 @@ def test_ray_tasks_get_no_retries_when_a_rerun_is_a_fresh_release(monkeypatch: p
         runner = runners.task_runner(RunnerConfig(kind="ray"), rerun_lost=False)
     runner.duplicate().submit(None, {})  # Prefect runs a flow on a duplicate of its runner
     assert seen == [{"max_retries": 0}]  # Ray's default, 3, would re-run a task whose worker died
+
+
+def test_an_unreachable_dask_scheduler_is_named_not_a_traceback() -> None:
+    with temporary_settings({PREFECT_API_URL: "http://x/api"}), pytest.raises(
+        runners.RunnerError, match=r"runner.address tcp://127.0.0.1:9: cannot reach the Dask scheduler"
+    ):
+        runners.dask_allowed_failures("tcp://127.0.0.1:9", timeout=2)
+
+
+@pytest.mark.parametrize(("mode", "noise_seed", "rerun_lost"), [("sample", None, False), ("sample", 7, True),
+                                                                 ("none", None, True)])
+def test_the_flow_asks_for_no_rerun_exactly_when_a_retry_would_be_a_fresh_release(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    mode: str, noise_seed: int | None, rerun_lost: bool,
+) -> None:
+    import flows.federated as federated
+
+    asked: list[bool] = []
+
+    def fake_task_runner(runner: RunnerConfig, *, rerun_lost: bool) -> Any:
+        asked.append(rerun_lost)
+        raise RuntimeError("stop before any work")
+
+    monkeypatch.setattr(federated, "task_runner", fake_task_runner)
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode=mode, privacy__noise_seed=noise_seed)
+    with pytest.raises(RuntimeError, match="stop before any work"):
+        federated.federate(cfg)
+    assert asked == [rerun_lost]
