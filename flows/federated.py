@@ -237,10 +237,11 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
     """A fresh run, or the state of the latest checkpoint of this run (config unchanged but for rounds)."""
     directory = cfg.run_dir / "checkpoint"
     checkpoint = load_checkpoint(directory) if resume else None
+    superseded: str | None = None
     if not resume and (cut_short := unfinished(directory)) is not None:  # this run would write over it
+        superseded = f"{set_aside(directory)} ({cut_short}): any updates it released are outside this run's epsilon"
         get_run_logger().warning(
-            "%s holds an unfinished run (%s) and this run starts afresh (no --resume): moved it to %s; any updates "
-            "that run released are outside this run's epsilon", directory, cut_short, set_aside(directory)
+            "%s holds an unfinished run and this run starts afresh (no --resume): moved it to %s", directory, superseded
         )
     if checkpoint is None:
         plan, initial = plan_noise(cfg), init_adapter(cfg)  # before the MLflow run: a bad adapter spec leaves none
@@ -248,6 +249,8 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         p = cfg.privacy
         run.set_tags({"dplora.noise_seed": p.noise_seed if p.noise_seed is not None else "os-entropy",
                       "dplora.base_dtype": base_dtype(cfg)})
+        if superseded is not None:
+            run.set_tags({"dplora.superseded_checkpoint": superseded})
         state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id, server_view=new_server_view(cfg))
         # what the per-round epsilon metrics are for, from the start; write_outputs replaces it with what was spent
         run.set_tags({"dplora.guarantee": f"planned: {planned_privacy(cfg, state)}"})
