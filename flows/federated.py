@@ -617,7 +617,8 @@ def train_round_clients(
                 updates.append(future.result())
             else:
                 state = future.state  # a Dask worker lost under the task leaves it Running on the API
-                failed[k] = (state.message or state.type.value) if state.is_final() else "its worker was lost; not re-run"
+                lost = "its worker was lost; not re-run"
+                failed[k] = (state.message or state.type.value) if state.is_final() else lost
             bar.update()
     released = {u.client_id for u in updates}  # a rejected update was still sent: its release is charged
     if f.silos is not None:  # a silo may have written its update and failed after: charge every silo started

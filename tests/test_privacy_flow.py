@@ -350,7 +350,8 @@ def test_a_fresh_run_moves_an_unfinished_checkpoint_aside_instead_of_writing_ove
     assert interrupted is not None and interrupted.state["pending"]["round"] == 1
     summary = federated_finetune(cfg)  # no resume: starts afresh
     (moved,) = cfg.run_dir.glob("checkpoint.superseded-*")
-    tag = MlflowClient(cfg.tracking.mlflow_uri).get_run(summary["mlflow_run_id"]).data.tags["dplora.superseded_checkpoint"]
+    tags = MlflowClient(cfg.tracking.mlflow_uri).get_run(summary["mlflow_run_id"]).data.tags
+    tag = tags["dplora.superseded_checkpoint"]
     assert tag.startswith(f"{moved} (round 1 interrupted") and "outside this run's epsilon" in tag
     kept = load_checkpoint(moved)
     assert kept is not None and kept.state == interrupted.state and kept.adapter == interrupted.adapter
