@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from prefect import Task, flow, get_run_logger, unmapped
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 from tqdm import tqdm
 
 from dplora_core.checkpoint import (
@@ -252,8 +254,6 @@ def start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[RunState, Expe
         if superseded is not None:
             run.set_tags({"dplora.superseded_checkpoint": superseded})
         state = RunState(initial, plan, new_ledgers(cfg), p.max_grad_norm, run.run_id, server_view=new_server_view(cfg))
-        # what the per-round epsilon metrics are for, from the start; write_outputs replaces it with what was spent
-        run.set_tags({"dplora.guarantee": f"planned: {planned_privacy(cfg, state)}"})
         log_label_histograms(cfg, run)
         return state, run
     changed = checkpoint_config_changes(cfg, checkpoint)
@@ -332,9 +332,12 @@ def log_label_histograms(cfg: ExperimentConfig, run: ExperimentRun) -> None:
             run.log_artifact(png, "data")
 
 
-def federate(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
-    """Run `federated_finetune` on the task runner of `config.runner` (threads, Dask or Ray)."""
-    runner = task_runner(config.runner, rerun_lost=config.privacy.rerun_replays)
+def federate(
+    config: ExperimentConfig, resume: bool = False, runner: TaskRunner[PrefectFuture[Any]] | None = None
+) -> dict[str, Any]:
+    """Run `federated_finetune` on `runner`, by default a new one as `config.runner` says (threads, Dask, Ray)."""
+    if runner is None:
+        runner = task_runner(config.runner, rerun_lost=config.privacy.rerun_replays)
     return federated_finetune.with_options(task_runner=runner)(config, resume=resume)
 
 
@@ -352,7 +355,10 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
     try:
         if state.global_model.round:
             log.info("resuming after round %d from %s", state.global_model.round, cfg.run_dir / "checkpoint")
-        log.info("privacy: %s", planned_privacy(cfg, state))
+        planned = planned_privacy(cfg, state)
+        log.info("privacy: %s", planned)
+        # what the per-round epsilon metrics are for, from the start; write_outputs replaces it with what was spent
+        run.set_tags({"dplora.guarantee": f"planned: {planned}"})
         full_bytes = full_model_bytes(cfg)
         while state.global_model.round < f.rounds:
             start = time.monotonic()

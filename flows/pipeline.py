@@ -9,18 +9,18 @@ from prefect import flow
 from dplora_core.config import ExperimentConfig
 from flows.evaluate import evaluate_experiment
 from flows.federated import federate
-from flows.runners import check_runner
+from flows.runners import task_runner
 from tasks.data import partition_clients, prepare_data
 
 
 @flow(name="dplora-pipeline")
 def dplora_pipeline(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Prepare the data, partition it over clients, train federatedly with DP, evaluate on test."""
-    check_runner(config.runner, rerun_lost=config.privacy.rerun_replays)  # fails here, before any work
+    runner = task_runner(config.runner, rerun_lost=config.privacy.rerun_replays)  # checked here, before any work
     prepare_data(config)
     if config.federation.silos is None:  # cross-silo: the silos hold the training records, not this machine
         partition_clients(config)
-    federate(config, resume=resume)
+    federate(config, resume=resume, runner=runner)
     return evaluate_experiment(config)
 
 

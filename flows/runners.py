@@ -49,7 +49,7 @@ def check_runner(runner: RunnerConfig, *, rerun_lost: bool) -> None:
                 f"runner.address {runner.address}: this Dask scheduler re-runs a task whose worker died "
                 f"(distributed.scheduler.allowed-failures = {allowed}); under DP with noise from OS entropy that "
                 "re-run is a fresh release the accountant does not compose. Start the scheduler with "
-                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0, or set privacy.noise_seed"
+                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0"
             )
 
 
@@ -85,4 +85,3 @@ def task_runner(runner: RunnerConfig, *, rerun_lost: bool) -> TaskRunner[Prefect
         ray_runner = RayTaskRunner if rerun_lost else NoRerunRayTaskRunner
         return cast("TaskRunner[PrefectFuture[Any]]", ray_runner(address=runner.address, init_kwargs=init))
     return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=runner.workers))
-

@@ -157,3 +157,32 @@ def test_the_flow_asks_for_no_rerun_exactly_when_a_retry_would_be_a_fresh_releas
     with pytest.raises(RuntimeError, match="stop before any work"):
         federated.federate(cfg)
     assert asked == [rerun_lost]
+
+
+def test_the_pipeline_stops_on_a_runner_error_before_it_prepares_data(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, runner__kind="dask")  # no Prefect server: refused
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(runners.RunnerError, match="need a Prefect server"):
+        dplora_pipeline(cfg)
+    assert not Path(cfg.data.prepared_dir).exists()
+
+
+def test_the_pipeline_trains_on_the_runner_it_checked_at_its_start(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One check per run: a Dask scheduler at runner.address is asked once, not again when training starts."""
+    import flows.federated as federated
+    import flows.pipeline as pipeline
+
+    built: list[RunnerConfig] = []
+
+    def counted(runner: RunnerConfig, *, rerun_lost: bool) -> Any:
+        built.append(runner)
+        return runners.task_runner(runner, rerun_lost=rerun_lost)
+
+    monkeypatch.setattr(pipeline, "task_runner", counted)
+    monkeypatch.setattr(federated, "task_runner", counted)
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, federation__rounds=1)
+    dplora_pipeline(cfg)
+    assert len(built) == 1 and (cfg.run_dir / "adapter.safetensors").exists()
