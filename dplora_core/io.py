@@ -1,8 +1,10 @@
-"""Atomic file writes (a sibling temporary file, then a rename over the target), and JSON reads that name the file."""
+"""Atomic file writes (a sibling temporary file, then a rename over the target), standard JSON out (no Infinity),
+and JSON reads that name the file."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,23 @@ def atomic_write(path: Path, payload: bytes) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def json_bytes(obj: Any, *, indent: int | None = 2) -> bytes:
+    """`obj` as standard JSON (RFC 8259 has no Infinity or NaN): a non-finite float becomes null, as the epsilon
+    of a run without noise does; readers take null for infinity."""
+    return json.dumps(finite(obj), indent=indent, allow_nan=False).encode()
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def read_json(path: Path, payload: bytes | None = None) -> Any:

@@ -12,7 +12,6 @@ Clopper-Pearson treats the canaries of one training run as independent trials).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
@@ -20,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from dplora_core.batching import encode
 from dplora_core.config import ExperimentConfig
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, json_bytes
 from dplora_core.privacy.accountant import describe_guarantee
 from dplora_core.privacy.audit import epsilon_lower_bound, max_certifiable_epsilon, roc_auc
 from dplora_core.privacy.canaries import make_canaries
@@ -100,7 +99,7 @@ def privacy_audit(config: ExperimentConfig, canaries: int = 64) -> dict[str, Any
             "dp": dp_result, "nodp": nodp_result, "config": cfg.model_dump(mode="json"),
         }
         path = cfg.run_dir / "audit.json"
-        atomic_write(path, json.dumps(result, indent=2).encode())
+        atomic_write(path, json_bytes(result))
         run.log_metrics({
             "audit_auc_dp": dp_result["auc"], "audit_auc_nodp": nodp_result["auc"],
             "audit_epsilon_lb_dp": dp_result["epsilon_lower_bound"],

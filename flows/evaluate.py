@@ -10,7 +10,7 @@ from prefect import flow
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import DataError
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, json_bytes
 from dplora_core.privacy.accountant import SHORT_RELATIONS
 from flows.registry import register_final_adapter, registered_name
 from flows.tracking import ExperimentRun
@@ -47,8 +47,8 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     }
     version = register_final_adapter(config, training["mlflow_run_id"], adapter_path, metrics["privacy"])
     metrics["registered_model"] = {"name": registered_name(config), "version": version}
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    atomic_write(out / "summary.json", json.dumps(dvc_summary(metrics), indent=2).encode())
+    atomic_write(out / "metrics.json", json_bytes(metrics))
+    atomic_write(out / "summary.json", json_bytes(dvc_summary(metrics)))
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])
     run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])
     run.log_metrics({f"zero_shot_test_{k}": v for k, v in zero_shot.items() if k != "n"}, step=0)

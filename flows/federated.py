@@ -7,7 +7,6 @@ would cost; a round that would take any epsilon past `privacy.target_epsilon` is
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from dplora_core.checkpoint import (
     unfinished,
 )
 from dplora_core.config import ExperimentConfig, RunnerConfig, field_defaults
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, json_bytes
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import dtype_name, resolve_device, resolve_dtype
 from dplora_core.privacy.accountant import (
@@ -404,7 +403,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 row["val_accuracy"],
                 row["val_macro_f1"],
                 row["val_loss"],
-                progress_epsilon(cfg, row["epsilon"]),
+                progress_epsilon(cfg, row["epsilon"], row["server_view_epsilon"]),
                 "private (mode client)" if row["clients"] is None else ",".join(map(str, row["clients"])),
             )
         summary = write_outputs(cfg, state, run, full_bytes, stopped)
@@ -429,7 +428,9 @@ def track_round(state: RunState, run: ExperimentRun, checkpoint: Path) -> dict[s
     if row["failed_clients"]:
         run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
     ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
-    run.log_dict({"round": r, "ledgers": ledgers}, "privacy/accountant.json")
+    server_view = {k: v.state_dict() for k, v in state.server_view.items()}  # mode distributed, else empty
+    run.log_dict({"round": r, "ledgers": ledgers, **({"server_view_ledgers": server_view} if server_view else {})},
+                 "privacy/accountant.json")
     run.log_artifact(adapter_file(checkpoint, r), "adapters")
     if state.average is not None:
         run.log_artifact(average_file(checkpoint, r), "adapters")
@@ -469,12 +470,14 @@ def planned_privacy(cfg: ExperimentConfig, state: RunState) -> str:
     return f"{budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
-def progress_epsilon(cfg: ExperimentConfig, epsilon: float) -> str:
-    """The epsilon for a progress bar, still naming its relation, accountant and delta."""
+def progress_epsilon(cfg: ExperimentConfig, epsilon: float, server_view: float | None = None) -> str:
+    """The epsilon for a progress bar, still naming its relation, accountant and delta (and mode distributed's
+    server view)."""
     p = cfg.privacy
     if p.mode == "none":
         return "no DP"
-    return f"epsilon {epsilon:.2f} ({short_guarantee(mode=p.mode, accountant=ledger_kind(cfg), delta=p.delta)})"
+    line = f"epsilon {epsilon:.2f} ({short_guarantee(mode=p.mode, accountant=ledger_kind(cfg), delta=p.delta)})"
+    return line if server_view is None else f"{line}, {server_view:.2f} in the server's view"
 
 
 def progress_bar(**kwargs: Any) -> tqdm[Any]:
@@ -717,7 +720,7 @@ def write_outputs(
         "client_base_dtypes": dtypes,
         "config": cfg.model_dump(mode="json"),
     }
-    atomic_write(out / "training.json", json.dumps(summary, indent=2).encode())
+    atomic_write(out / "training.json", json_bytes(summary))
     run.log_artifact(adapter_path, "adapter")
     run.log_artifact(out / "training.json")
     run.set_tags({"dplora.guarantee": guarantee})

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint, set_aside
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
-from dplora_core.io import atomic_write, read_json
+from dplora_core.io import atomic_write, json_bytes, read_json
 from dplora_core.privacy.accountant import short_guarantee
 from dplora_core.study import Cell, StudyConfig, expand, selected, summarise
 from flows.federated import checkpoint_config_changes
@@ -174,7 +174,7 @@ def write_record(
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
     """Write a run record as the committed records are written (indented JSON, atomically)."""
-    atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write(path, json_bytes(record, indent=1) + b"\n")
 
 
 def code_version(study: StudyConfig | None = None) -> str | None:
@@ -286,7 +286,7 @@ def publish(
                                "failed": failed, "summary": summarise(rows, NUMBERS)}
     out = output_dir / study.name
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+    atomic_write(out / "results.json", json_bytes(results))
     if study.results_doc is None:
         return results
     doc = Path(study.results_doc)

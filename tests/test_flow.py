@@ -249,6 +249,8 @@ def test_non_private_baseline_reports_no_guarantee(
     metrics = dplora_pipeline(cfg)
     assert metrics["privacy"]["epsilon"] is None
     assert metrics["privacy"]["per_client_epsilon"] == {}
+    training = json.loads((cfg.run_dir / "training.json").read_bytes(), parse_constant=lambda c: c)  # keep Infinity
+    assert [row["epsilon"] for row in training["history"]] == [None]  # standard JSON: null, not Infinity
     assert "no differential privacy" in metrics["privacy"]["guarantee"]
     table = format_summary(metrics)
     assert "infinity (no DP)" in table

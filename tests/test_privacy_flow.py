@@ -18,7 +18,14 @@ from dplora_core.data import partition_iid
 from dplora_core.messages import GlobalModel
 from dplora_core.privacy.accountant import make_accountant, paper_epsilon
 from dplora_core.strategy import AdamState
-from flows.federated import RunState, federated_finetune, new_ledgers, planned_events, planned_privacy
+from flows.federated import (
+    RunState,
+    federated_finetune,
+    new_ledgers,
+    planned_events,
+    planned_privacy,
+    progress_epsilon,
+)
 from flows.pipeline import dplora_pipeline
 from flows.report import format_summary
 from tasks.runtime import read_partition, workspace
@@ -389,6 +396,12 @@ def test_distributed_mode_reports_the_released_adapters_and_the_servers_epsilons
         in priv["guarantee"]
     assert f"against the server, which sees each client's upload with its share of the noise only: epsilon = " \
            f"{priv['server_view_epsilon']:.3f}" in priv["guarantee"]
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    logged = mlflow.artifacts.load_dict(f"runs:/{metrics['mlflow_run_id']}/privacy/accountant.json")
+    written = json.loads((cfg.run_dir / "training.json").read_text())["privacy"]
+    assert logged["server_view_ledgers"] == written["server_view_ledgers"]  # the MLflow copy has both views too
     checkpoint = load_checkpoint(cfg.run_dir / "checkpoint")
     assert checkpoint is not None and checkpoint.server_optimizer is not None
     assert AdamState.from_bytes(checkpoint.server_optimizer, source="test").t == 2
@@ -479,3 +492,12 @@ def test_distributed_refuses_a_client_smaller_than_the_batch_before_training(
                                                     "federation.batch_size (30)")):
         dplora_pipeline(cfg)
     assert not (cfg.run_dir / "checkpoint").exists()
+
+
+def test_the_round_line_of_mode_distributed_names_the_servers_view(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
+    cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir)
+    assert progress_epsilon(cfg, 8.0, 11.5) == (
+        "epsilon 8.00 (record-level, sum of uploads, rdp, δ=0.001), 11.50 in the server's view"
+    )
