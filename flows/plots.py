@@ -53,7 +53,8 @@ def round_curves(history: Sequence[dict[str, Any]], path: Path, *, title: str) -
     acc.set_ylim(0, 1)
     acc.legend(fontsize=8)
     acc.set_title("validation accuracy", fontsize=10)
-    losses = [row.get("val_loss", math.nan) for row in history]  # runs before val_loss was logged have none
+    # none: runs before val_loss was logged; null: a non-finite loss (JSON has no NaN)
+    losses = [math.nan if row.get("val_loss") is None else row["val_loss"] for row in history]
     loss.plot(rounds, losses, marker="o", color="tab:red")
     if all(math.isnan(x) for x in losses):
         loss.text(0.5, 0.5, "not recorded by this run", ha="center", transform=loss.transAxes)

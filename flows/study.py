@@ -40,7 +40,8 @@ from flows.pipeline import dplora_pipeline
 from flows.plots import study_bars, study_frontier
 
 NUMBERS = ("val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "zero_shot_accuracy",
-           "majority_class_accuracy", "epsilon", "upload_bytes_per_client_round", "train_seconds")
+           "majority_class_accuracy", "epsilon", "server_view_epsilon", "upload_bytes_per_client_round",
+           "train_seconds")
 
 
 # Sections that do not change what a run trains (where it is tracked, which executor ran the clients).
@@ -337,8 +338,8 @@ def results_table(results: dict[str, Any]) -> str:
             f"{fmt(s['epsilon'], 2)} "
             f"({short_guarantee(mode=r['privacy_mode'], accountant=r['accountant'], delta=r['delta'])})"
         )
-        if r.get("server_view_epsilon") is not None:  # mode distributed
-            eps += f"; each upload, as the server sees it: {r['server_view_epsilon']:.2f}"
+        if s["server_view_epsilon"] is not None:  # mode distributed
+            eps += f"; each upload, as the server sees it: {fmt(s['server_view_epsilon'], 2)}"
         up = "-" if s["upload_bytes_per_client_round"] is None else f"{s['upload_bytes_per_client_round'][0]:,.0f}"
         lines.append("| " + " | ".join([
             *s["levels"].values(), str(s["n"]), fmt(s["val_accuracy"]), fmt(s["val_loss"]),

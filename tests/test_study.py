@@ -15,6 +15,7 @@ import yaml
 import flows.study
 from dplora_core.checkpoint import load_checkpoint, save_checkpoint
 from dplora_core.config import ConfigError, ExperimentConfig
+from dplora_core.io import json_bytes
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
 from flows.study import finished_run, publish, run_study, set_aside_superseded, write_section
@@ -208,7 +209,8 @@ def test_a_partial_study_says_how_many_runs_it_has(tmp_path: Path) -> None:
     assert "| " + " | ".join(cells) + " |" in text
     assert "1 of 2 runs finished so far" in text and "Failed cells (re-run the command to retry): p-eps8-s1" in text
     assert "Stopped by the budget guard" not in text
-    assert json.loads((tmp_path / "outputs" / "p" / "results.json").read_text()) == json.loads(json.dumps(results))
+    # as returned, one seed's sd (NaN) as null: standard JSON
+    assert json.loads((tmp_path / "outputs" / "p" / "results.json").read_text()) == json.loads(json_bytes(results))
 
 
 def test_a_run_stopped_before_its_planned_rounds_is_named(tmp_path: Path) -> None:
@@ -221,6 +223,20 @@ def test_a_run_stopped_before_its_planned_rounds_is_named(tmp_path: Path) -> Non
     publish(study, tmp_path / "outputs", [row], {}, planned=1)
     assert "Stopped by the budget guard before their planned rounds (as after an interrupted round, charged again): " \
         "p-eps8-s0 (2 of 3)" in doc.read_text()
+
+
+def test_mode_distributed_s_server_view_is_tabulated_as_mean_and_sd_over_seeds(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    study = StudyConfig(name="d", base="b.yaml", seeds=(0, 1), results_doc=str(doc), axes={"privacy": {"dist": {}}})
+
+    def row(seed: int, server_view: float) -> dict[str, object]:
+        return {"name": f"d-dist-s{seed}", "levels": {"privacy": "dist"}, "seed": seed, "test_accuracy": 0.7,
+                "test_macro_f1": 0.5, "zero_shot_accuracy": 0.36, "majority_class_accuracy": 0.59, "epsilon": 8.0,
+                "server_view_epsilon": server_view, "delta": 1e-5, "privacy_mode": "distributed", "accountant": "rdp",
+                "guarantee": "...", "upload_bytes_per_client_round": 1.0, "train_seconds": 1.0}
+
+    publish(study, tmp_path / "outputs", [row(0, 10.0), row(1, 12.0)], {}, planned=2)
+    assert "; each upload, as the server sees it: 11.00 ± 1.41 |" in doc.read_text()
 
 
 def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None:
