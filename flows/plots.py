@@ -105,15 +105,24 @@ def bytes_curve(history: Sequence[dict[str, Any]], path: Path, *, title: str, fu
     return _save(fig, path)
 
 
+def frontier_label(mode: str, seeded: bool) -> str:
+    """The report frontier's legend entry for one mode's runs, with or without a fixed noise seed."""
+    label = f"mode {mode}" + (" (for the sum of uploads)" if mode == "distributed" else "")
+    return label + (", fixed noise seed: void against its holder" if seeded and mode != "none" else "")
+
+
 def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Test accuracy against epsilon, one point per run; runs without DP at the right edge, marked."""
+    """Test accuracy against epsilon, one point per run; runs without DP at the right edge, marked; mode distributed
+    (the epsilon of the sum of uploads, not the server's view) and runs with a fixed noise seed labelled so."""
     fig, ax = plt.subplots(figsize=(6, 4))
     finite = [p["epsilon"] for p in points if p["epsilon"] is not None]
     edge = (max(finite) * 1.5) if finite else 1.0
-    for mode in sorted({p["mode"] for p in points}):
-        mine = [p for p in points if p["mode"] == mode]
+    for i, (mode, seeded) in enumerate(sorted({(p["mode"], p.get("seeded", False)) for p in points})):
+        mine = [p for p in points if (p["mode"], p.get("seeded", False)) == (mode, seeded)]
         xs = [p["epsilon"] if p["epsilon"] is not None else edge for p in mine]
-        ax.scatter(xs, [p["accuracy"] for p in mine], label=f"mode {mode}", s=40)
+        hollow = seeded and mode != "none"  # a void guarantee: an empty marker
+        ax.scatter(xs, [p["accuracy"] for p in mine], label=frontier_label(mode, seeded), s=40,
+                   facecolors="none" if hollow else f"C{i}", edgecolors=f"C{i}")
         for i, (p, x) in enumerate(zip(mine, xs, strict=True)):  # staggered, so runs at one point stay legible
             offset = (4, 4 - 9 * (i % 3))
             ax.annotate(p["name"], (x, p["accuracy"]), fontsize=7, xytext=offset, textcoords="offset points")

@@ -157,6 +157,7 @@ def store_runs(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             "macro_f1": run.data.metrics.get("test_macro_f1"),
             "rounds": run.data.params.get("federation.rounds", "?"),
             "guarantee": run.data.tags.get("dplora.guarantee", "-").replace("|", "/"),
+            "seeded": run.data.tags.get("dplora.noise_seed", "os-entropy") != "os-entropy",
         }
         for run in runs
         if "dplora.audit" not in run.data.tags

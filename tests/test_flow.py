@@ -151,6 +151,25 @@ def test_the_report_frontier_puts_only_record_level_and_no_dp_runs_on_its_epsilo
     assert [r["name"] for r in frontier_points(runs)] == ["sample", "distributed", "none"]
 
 
+def test_the_report_knows_a_run_with_a_fixed_noise_seed(finished) -> None:
+    from flows.report import store_runs
+
+    cfg, _ = finished  # privacy.noise_seed 7
+    assert [r["seeded"] for r in store_runs(cfg) if r["name"] == cfg.name] == [True]
+
+
+@pytest.mark.parametrize(("mode", "seeded", "label"), [
+    ("sample", False, "mode sample"),
+    ("sample", True, "mode sample, fixed noise seed: void against its holder"),
+    ("distributed", False, "mode distributed (for the sum of uploads)"),
+    ("none", True, "mode none"),
+])
+def test_the_report_frontier_labels_what_each_epsilon_is_for(mode: str, seeded: bool, label: str) -> None:
+    from flows.plots import frontier_label
+
+    assert frontier_label(mode, seeded) == label
+
+
 def test_a_client_trains_its_round_at_the_decayed_learning_rate(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
