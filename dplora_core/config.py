@@ -17,7 +17,7 @@ LoraInitA = Literal["kaiming", "svd"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # JSON outputs carry the config
 
 
 class ModelConfig(_Strict):

@@ -27,8 +27,8 @@ def atomic_write(path: Path, payload: bytes) -> None:
 
 
 def json_bytes(obj: Any, *, indent: int | None = 2) -> bytes:
-    """`obj` as standard JSON (RFC 8259 has no Infinity or NaN): a non-finite float becomes null, as the epsilon
-    of a run without noise does; readers take null for infinity."""
+    """`obj` as standard JSON (RFC 8259 has no Infinity or NaN): a non-finite float becomes null (not finite), as
+    the epsilon of a run without DP does."""
     return json.dumps(finite(obj), indent=indent, allow_nan=False).encode()
 
 

@@ -394,7 +394,8 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 average=state.average,
             )
             row = track_round(state, run, checkpoint)
-            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {progress_epsilon(cfg, row['epsilon'])}")
+            epsilon = progress_epsilon(cfg, row["epsilon"], server_view=row["server_view_epsilon"])
+            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {epsilon}")
             rounds_bar.update()
             log.info(
                 "round %d/%d: val acc %.4f, macro-F1 %.4f, loss %.4f; %s so far; clients %s",
@@ -403,7 +404,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 row["val_accuracy"],
                 row["val_macro_f1"],
                 row["val_loss"],
-                progress_epsilon(cfg, row["epsilon"], row["server_view_epsilon"]),
+                epsilon,
                 "private (mode client)" if row["clients"] is None else ",".join(map(str, row["clients"])),
             )
         summary = write_outputs(cfg, state, run, full_bytes, stopped)
@@ -470,14 +471,14 @@ def planned_privacy(cfg: ExperimentConfig, state: RunState) -> str:
     return f"{budget} after {cfg.federation.rounds} round(s); {noise}"
 
 
-def progress_epsilon(cfg: ExperimentConfig, epsilon: float, server_view: float | None = None) -> str:
+def progress_epsilon(cfg: ExperimentConfig, epsilon: float, *, server_view: float | None = None) -> str:
     """The epsilon for a progress bar, still naming its relation, accountant and delta (and mode distributed's
     server view)."""
     p = cfg.privacy
     if p.mode == "none":
         return "no DP"
     line = f"epsilon {epsilon:.2f} ({short_guarantee(mode=p.mode, accountant=ledger_kind(cfg), delta=p.delta)})"
-    return line if server_view is None else f"{line}, {server_view:.2f} in the server's view"
+    return line if server_view is None else f"{line}; each upload, as the server sees it: {server_view:.2f}"
 
 
 def progress_bar(**kwargs: Any) -> tqdm[Any]:

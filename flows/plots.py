@@ -105,7 +105,7 @@ def bytes_curve(history: Sequence[dict[str, Any]], path: Path, *, title: str, fu
     return _save(fig, path)
 
 
-def frontier_label(mode: str, seeded: bool) -> str:
+def frontier_label(mode: str, *, seeded: bool) -> str:
     """The report frontier's legend entry for one mode's runs, with or without a fixed noise seed."""
     label = f"mode {mode}" + (" (for the sum of uploads)" if mode == "distributed" else "")
     return label + (", fixed noise seed: void against its holder" if seeded and mode != "none" else "")
@@ -117,14 +117,15 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     finite = [p["epsilon"] for p in points if p["epsilon"] is not None]
     edge = (max(finite) * 1.5) if finite else 1.0
-    for i, (mode, seeded) in enumerate(sorted({(p["mode"], p.get("seeded", False)) for p in points})):
+    colours = {mode: f"C{i}" for i, mode in enumerate(sorted({p["mode"] for p in points}))}
+    for mode, seeded in sorted({(p["mode"], p.get("seeded", False)) for p in points}):
         mine = [p for p in points if (p["mode"], p.get("seeded", False)) == (mode, seeded)]
         xs = [p["epsilon"] if p["epsilon"] is not None else edge for p in mine]
-        hollow = seeded and mode != "none"  # a void guarantee: an empty marker
-        ax.scatter(xs, [p["accuracy"] for p in mine], label=frontier_label(mode, seeded), s=40,
-                   facecolors="none" if hollow else f"C{i}", edgecolors=f"C{i}")
-        for i, (p, x) in enumerate(zip(mine, xs, strict=True)):  # staggered, so runs at one point stay legible
-            offset = (4, 4 - 9 * (i % 3))
+        hollow = seeded and mode != "none"  # a void guarantee: an empty marker in its mode's colour
+        ax.scatter(xs, [p["accuracy"] for p in mine], label=frontier_label(mode, seeded=seeded), s=40,
+                   facecolors="none" if hollow else colours[mode], edgecolors=colours[mode])
+        for j, (p, x) in enumerate(zip(mine, xs, strict=True)):  # staggered, so runs at one point stay legible
+            offset = (4, 4 - 9 * (j % 3))
             ax.annotate(p["name"], (x, p["accuracy"]), fontsize=7, xytext=offset, textcoords="offset points")
     if any(p["epsilon"] is None for p in points):
         ax.axvline(edge, color="grey", linestyle=":", linewidth=1)

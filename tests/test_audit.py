@@ -13,6 +13,7 @@ from dplora_core.batching import encode, label_token_ids
 from dplora_core.config import ModelConfig
 from dplora_core.data import TASKS
 from dplora_core.evaluate import label_scores
+from dplora_core.io import json_bytes
 from dplora_core.model import load_base_model
 from dplora_core.privacy.canaries import canary_scores, make_canaries
 from flows.audit import format_audit, privacy_audit
@@ -120,7 +121,7 @@ def test_the_audit_partitions_the_clients_when_no_partition_exists(audited) -> N
 def test_audit_json_is_written_with_the_expected_keys(audited) -> None:
     cfg, result = audited
     written = json.loads((cfg.run_dir / "audit.json").read_text())
-    assert written == json.loads(json.dumps(result))
+    assert written == json.loads(json_bytes(result))
     assert {"members", "held_out", "delta", "confidence", "max_certifiable_epsilon", "dp", "nodp"} <= set(written)
     for run in ("dp", "nodp"):
         assert {"auc", "epsilon_lower_bound", "accountant_epsilon", "member_scores", "held_out_scores"} <= set(

@@ -115,6 +115,7 @@ def write(tmp_path: Path, tree: dict) -> Path:
             "federation.client_weights records is not for privacy.mode client", "the unweighted sum",
         ),
         ({"federation": {"client_weights": "size"}}, "federation.client_weights", "Input should be"),
+        ({"privacy": {"max_grad_norm": float("inf")}}, "privacy.max_grad_norm", "Input should be a finite number"),
         (
             {"federation": {"server_optimizer": "adam"}},
             "federation.server_optimizer adam needs federation.server_learning_rate set", "its default, 1",

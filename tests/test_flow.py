@@ -151,11 +151,18 @@ def test_the_report_frontier_puts_only_record_level_and_no_dp_runs_on_its_epsilo
     assert [r["name"] for r in frontier_points(runs)] == ["sample", "distributed", "none"]
 
 
-def test_the_report_knows_a_run_with_a_fixed_noise_seed(finished) -> None:
+def test_the_report_tells_runs_with_a_fixed_noise_seed_from_the_others(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
+) -> None:
     from flows.report import store_runs
 
-    cfg, _ = finished  # privacy.noise_seed 7
-    assert [r["seeded"] for r in store_runs(cfg) if r["name"] == cfg.name] == [True]
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    experiment = client.create_experiment(cfg.tracking.experiment, artifact_location=(tmp_path / "art").as_uri())
+    for name, seed in (("seeded", "7"), ("entropy", "os-entropy")):  # the dplora.noise_seed tag a run starts with
+        run = client.create_run(experiment, run_name=name, tags={"dplora.noise_seed": seed})
+        client.set_terminated(run.info.run_id)
+    assert {r["name"]: r["seeded"] for r in store_runs(cfg)} == {"seeded": True, "entropy": False}
 
 
 @pytest.mark.parametrize(("mode", "seeded", "label"), [
@@ -167,7 +174,7 @@ def test_the_report_knows_a_run_with_a_fixed_noise_seed(finished) -> None:
 def test_the_report_frontier_labels_what_each_epsilon_is_for(mode: str, seeded: bool, label: str) -> None:
     from flows.plots import frontier_label
 
-    assert frontier_label(mode, seeded) == label
+    assert frontier_label(mode, seeded=seeded) == label
 
 
 def test_a_client_trains_its_round_at_the_decayed_learning_rate(

@@ -498,6 +498,6 @@ def test_the_round_line_of_mode_distributed_names_the_servers_view(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path
 ) -> None:
     cfg = distributed_config(tiny_model_dir, tmp_path, raw_dir)
-    assert progress_epsilon(cfg, 8.0, 11.5) == (
-        "epsilon 8.00 (record-level, sum of uploads, rdp, δ=0.001), 11.50 in the server's view"
+    assert progress_epsilon(cfg, 8.0, server_view=11.5) == (
+        "epsilon 8.00 (record-level, sum of uploads, rdp, δ=0.001); each upload, as the server sees it: 11.50"
     )
