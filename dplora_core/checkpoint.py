@@ -1,4 +1,5 @@
-"""Round checkpoints: the global adapter (safetensors) and the run state (JSON), both written atomically.
+"""Round checkpoints: the global adapter (safetensors) and the run state (standard JSON: a non-finite number
+is null), both written atomically.
 
 `state.json` is written last and names its adapter file, so a crash at any point leaves the
 previous checkpoint whole. The state holds the accountant ledgers, the noise plan and the
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, json_bytes
 
 STATE = "state.json"
 # Fields a resumed run may change: more rounds (the budget guard still applies), where it is tracked and
@@ -69,7 +70,7 @@ def save_checkpoint(
         if payload is not None:
             files[key] = round_file(directory, EXTRA_FILES[key], round_num).name
             atomic_write(directory / files[key], payload)
-    atomic_write(directory / STATE, json.dumps({"round": round_num, **files, **state}, indent=2).encode())
+    atomic_write(directory / STATE, json_bytes({"round": round_num, **files, **state}))
     for stem in ("adapter", *EXTRA_FILES.values()):
         for old in directory.glob(f"{stem}-round-*.safetensors"):
             if old.name not in files.values():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dplora_core.adapters import AdapterError
 from dplora_core.config import ExperimentConfig
-from dplora_core.io import atomic_write
+from dplora_core.io import atomic_write, json_bytes
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.privacy.accountant import DpSgdRun
 
@@ -58,7 +58,7 @@ def write_update(directory: Path, update: ClientUpdate, *, sender: str) -> Path:
         "train_loss": update.train_loss, "dp_run": asdict(update.dp_run) if update.dp_run else None,
         "base_dtype": update.base_dtype, "sender": sender, "sha256": hashlib.sha256(update.adapter).hexdigest(),
     }
-    atomic_write(record_path, json.dumps(record).encode())
+    atomic_write(record_path, json_bytes(record, indent=None))  # a non-finite loss travels as null: no loss
     return adapter
 
 

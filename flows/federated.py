@@ -95,8 +95,8 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         return {
             "plan": {"clients": self.plan.clients, "server": self.plan.server, "aggregate": self.plan.aggregate},
-            "ledgers": {k: ledger.state_dict() for k, ledger in self.ledgers.items()},
-            "server_view_ledgers": {k: ledger.state_dict() for k, ledger in self.server_view.items()},
+            "ledgers": ledger_states(self.ledgers),
+            "server_view_ledgers": ledger_states(self.server_view),
             "clip_norm": self.clip_norm,
             "mlflow_run_id": self.mlflow_run_id,
             "history": self.history,
@@ -128,6 +128,11 @@ class RunState:
             server_optimizer=server_optimizer,
             average=average,
         )
+
+
+def ledger_states(ledgers: dict[str, PrivacyLedger]) -> dict[str, dict[str, Any]]:
+    """Each ledger's `state_dict`, by its key: what checkpoints, MLflow and training.json keep."""
+    return {k: ledger.state_dict() for k, ledger in ledgers.items()}
 
 
 def ledger_kind(cfg: ExperimentConfig) -> LedgerKind:
@@ -394,8 +399,8 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 average=state.average,
             )
             row = track_round(state, run, checkpoint)
-            epsilon = progress_epsilon(cfg, row["epsilon"], server_view=row["server_view_epsilon"])
-            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {epsilon}")
+            spent = progress_epsilon(cfg, row["epsilon"], server_view=row["server_view_epsilon"])
+            rounds_bar.set_postfix_str(f"val acc {row['val_accuracy']:.3f}, {spent}")
             rounds_bar.update()
             log.info(
                 "round %d/%d: val acc %.4f, macro-F1 %.4f, loss %.4f; %s so far; clients %s",
@@ -404,7 +409,7 @@ def federated_finetune(config: ExperimentConfig, resume: bool = False) -> dict[s
                 row["val_accuracy"],
                 row["val_macro_f1"],
                 row["val_loss"],
-                epsilon,
+                spent,
                 "private (mode client)" if row["clients"] is None else ",".join(map(str, row["clients"])),
             )
         summary = write_outputs(cfg, state, run, full_bytes, stopped)
@@ -428,8 +433,8 @@ def track_round(state: RunState, run: ExperimentRun, checkpoint: Path) -> dict[s
     run.log_metrics({k: v for k, v in numbers.items() if np.isfinite(v)}, step=r)
     if row["failed_clients"]:
         run.set_tags({f"dplora.failed_clients.round_{r}": row["failed_clients"]})
-    ledgers = {k: v.state_dict() for k, v in state.ledgers.items()}
-    server_view = {k: v.state_dict() for k, v in state.server_view.items()}  # mode distributed, else empty
+    ledgers = ledger_states(state.ledgers)
+    server_view = ledger_states(state.server_view)  # mode distributed, else empty
     run.log_dict({"round": r, "ledgers": ledgers, **({"server_view_ledgers": server_view} if server_view else {})},
                  "privacy/accountant.json")
     run.log_artifact(adapter_file(checkpoint, r), "adapters")
@@ -526,7 +531,7 @@ def run_round(
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
-            "epsilon": epsilon,
+            "epsilon": epsilon if np.isfinite(epsilon) else None,  # None without DP, as in every file written
             "clip_norm": state.clip_norm if p.mode == "client" else None,
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
@@ -690,12 +695,12 @@ def write_outputs(
             "per_client_epsilon": {k: v for k, v in per_ledger.items() if k != POPULATION},
             "guarantee": guarantee,
             "noise_seed_fixed": p.noise_seed is not None,
-            "ledgers": {k: ledger.state_dict() for k, ledger in state.ledgers.items()},
+            "ledgers": ledger_states(state.ledgers),
             **(
                 {
                     "server_view_epsilon": server_epsilon,
                     "per_client_server_view_epsilon": per_client_server_view,
-                    "server_view_ledgers": {k: ledger.state_dict() for k, ledger in state.server_view.items()},
+                    "server_view_ledgers": ledger_states(state.server_view),
                 }
                 if p.mode == "distributed"
                 else {}

@@ -105,10 +105,15 @@ def bytes_curve(history: Sequence[dict[str, Any]], path: Path, *, title: str, fu
     return _save(fig, path)
 
 
+def void_guarantee(mode: str, *, seeded: bool) -> bool:
+    """Whether runs of `mode` with (or without) a fixed noise seed promise nothing against the seed's holder."""
+    return seeded and mode != "none"
+
+
 def frontier_label(mode: str, *, seeded: bool) -> str:
     """The report frontier's legend entry for one mode's runs, with or without a fixed noise seed."""
     label = f"mode {mode}" + (" (for the sum of uploads)" if mode == "distributed" else "")
-    return label + (", fixed noise seed: void against its holder" if seeded and mode != "none" else "")
+    return label + (", fixed noise seed: void against its holder" if void_guarantee(mode, seeded=seeded) else "")
 
 
 def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -121,7 +126,7 @@ def frontier(points: Sequence[dict[str, Any]], path: Path) -> Path:
     for mode, seeded in sorted({(p["mode"], p.get("seeded", False)) for p in points}):
         mine = [p for p in points if (p["mode"], p.get("seeded", False)) == (mode, seeded)]
         xs = [p["epsilon"] if p["epsilon"] is not None else edge for p in mine]
-        hollow = seeded and mode != "none"  # a void guarantee: an empty marker in its mode's colour
+        hollow = void_guarantee(mode, seeded=seeded)  # an empty marker in its mode's colour
         ax.scatter(xs, [p["accuracy"] for p in mine], label=frontier_label(mode, seeded=seeded), s=40,
                    facecolors="none" if hollow else colours[mode], edgecolors=colours[mode])
         for j, (p, x) in enumerate(zip(mine, xs, strict=True)):  # staggered, so runs at one point stay legible

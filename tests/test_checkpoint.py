@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,13 @@ def test_latest_checkpoint_round_trips_and_older_adapters_are_dropped(tmp_path: 
     assert checkpoint is not None
     assert (checkpoint.round, checkpoint.adapter, checkpoint.state["ledgers"]) == (2, b"two", {"0": 2})
     assert sorted(p.name for p in tmp_path.glob("adapter-round-*")) == ["adapter-round-0002.safetensors"]
+
+
+def test_a_non_finite_number_is_saved_as_null_in_standard_json(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, round_num=1, adapter=b"one", state={"history": [{"epsilon": float("inf")}]})
+    json.loads((tmp_path / "state.json").read_text(), parse_constant=lambda name: pytest.fail(f"holds {name}"))
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.state["history"] == [{"epsilon": None}]
 
 
 def test_the_server_optimizer_and_the_moving_average_travel_with_their_round(tmp_path: Path) -> None:

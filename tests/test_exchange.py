@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def test_an_update_round_trips_through_the_exchange_folder(tmp_path: Path) -> No
     update = an_update()
     exchange.write_update(tmp_path, update, sender="run-1")
     assert exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT) == update
+
+
+def test_a_diverged_loss_travels_as_null_in_a_standard_json_record(tmp_path: Path) -> None:
+    update = dataclasses.replace(an_update(), train_loss=float("nan"), dp_run=None)  # a silo without DP that diverged
+    exchange.write_update(tmp_path, update, sender="run-1")
+    record = exchange.update_paths(tmp_path, 1)[1].read_text()
+    assert json.loads(record, parse_constant=lambda name: pytest.fail(f"the record holds {name}"))["train_loss"] is None
+    assert exchange.read_update(tmp_path, 1, 2, sender="run-1", max_bytes=LIMIT).train_loss is None
 
 
 def test_an_update_record_without_the_clients_dtype_is_refused_by_name(tmp_path: Path) -> None:

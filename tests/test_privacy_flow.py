@@ -301,6 +301,32 @@ def test_a_run_that_died_midway_shows_its_epsilons_with_their_relation_in_mlflow
     assert "RDP accountant" in tag
 
 
+def test_a_resumed_run_ends_with_what_it_spent_as_its_guarantee_tag(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resumed process sets the "planned:" tag again; at the end it holds the spent guarantee, not the plan."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir)
+    crash_after_round_2_uploads(cfg, monkeypatch)
+    metrics = federated_finetune(cfg, resume=True)
+    run = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["dplora.guarantee"] == metrics["privacy"]["guarantee"]
+    assert not metrics["privacy"]["guarantee"].startswith("planned")
+
+
+def test_a_run_without_dp_resumes_from_its_standard_json_checkpoint(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None
+) -> None:
+    """Its rounds' epsilon (infinite) is null in state.json, which stays RFC 8259 JSON, and reads back on resume."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, raw_dir, privacy__mode="none", federation__rounds=1)
+    dplora_pipeline(cfg)
+    state = (cfg.run_dir / "checkpoint" / "state.json").read_text()
+    json.loads(state, parse_constant=lambda name: pytest.fail(f"state.json holds {name}"))
+    more = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})})
+    resumed = federated_finetune(more, resume=True)
+    assert [(row["round"], row["epsilon"]) for row in resumed["history"]] == [(1, None), (2, None)]
+    assert resumed["privacy"]["epsilon"] is None
+
+
 @pytest.mark.parametrize(("noise_seed", "charged"), [(None, 3), (7, 2)])
 def test_a_round_interrupted_after_release_is_charged_on_resume(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch,
