@@ -48,6 +48,19 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / max(len(y_true), 1)
 
 
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> list[list[int]]:
+    """counts[t][p]: how many examples of true label t were predicted p, (num_labels, num_labels)."""
+    counts = [[0] * num_labels for _ in range(num_labels)]
+    for t, p in zip(y_true, y_pred, strict=True):
+        counts[t][p] += 1
+    return counts
+
+
+def recall_per_label(confusion: Sequence[Sequence[int]]) -> list[float | None]:
+    """Each true label's share of its examples predicted right (None for a label with no examples)."""
+    return [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
+
+
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> float:
     """Unweighted mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never seen nor predicted scores 0."""
     scores = []

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from prefect import flow
 
 from dplora_core.config import ExperimentConfig
 from dplora_core.data import DataError
+from dplora_core.evaluate import recall_per_label
 from dplora_core.io import atomic_write, json_bytes
 from dplora_core.privacy.accountant import SHORT_RELATIONS
 from flows.registry import register_final_adapter, registered_name
 from flows.tracking import ExperimentRun
-from tasks.runtime import eval_prompts
+from tasks.runtime import eval_prompts, task_of
 from tasks.training import evaluate
 
 
@@ -34,8 +36,10 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     if not gold:
         raise DataError(f"{config.data.prepared_dir}: the test split of {config.data.dataset} is empty")
     majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
+    labels = list(task_of(config).labels)
     metrics = {
-        "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority},
+        # each confusion matrix: rows the true label, columns the predicted one, in the order of "labels"
+        "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority, "labels": labels},
         "privacy": {k: v for k, v in training["privacy"].items() if k not in ("ledgers", "server_view_ledgers")},
         "bytes": training["bytes"],
         "rounds": training["rounds"],
@@ -50,10 +54,23 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     atomic_write(out / "metrics.json", json_bytes(metrics))
     atomic_write(out / "summary.json", json_bytes(dvc_summary(metrics)))
     run = ExperimentRun(config, run_id=training["mlflow_run_id"])
-    run.log_metrics({f"test_{k}": v for k, v in final.items() if k != "n"}, step=training["rounds"])
-    run.log_metrics({f"zero_shot_test_{k}": v for k, v in zero_shot.items() if k != "n"}, step=0)
+    run.log_metrics(evaluation_metrics(final, labels, prefix="test_"), step=training["rounds"])
+    run.log_metrics(evaluation_metrics(zero_shot, labels, prefix="zero_shot_test_"), step=0)
     run.log_artifact(out / "metrics.json")
     return metrics
+
+
+def evaluation_metrics(scores: dict[str, Any], labels: list[str], *, prefix: str) -> dict[str, float]:
+    """MLflow metrics of one test evaluation: accuracy, macro-F1, loss and each label's recall."""
+    numbers = {f"{prefix}{k}": float(scores[k]) for k in ("accuracy", "macro_f1", "loss")}
+    recalls = recall_per_label(scores["confusion"])
+    return numbers | {f"{prefix}recall_{metric_key(label)}": r for label, r in zip(labels, recalls, strict=True)
+                      if r is not None}
+
+
+def metric_key(label: str) -> str:
+    """A label as part of an MLflow metric name (letters, digits, _ - . and spaces); others become _."""
+    return re.sub(r"[^\w\-. ]", "_", label)
 
 
 def dvc_summary(metrics: dict[str, Any]) -> dict[str, float | int | str | bool | None]:

@@ -9,6 +9,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from dplora_core.config import ExperimentConfig
+from dplora_core.evaluate import recall_per_label
 from dplora_core.io import atomic_write
 from flows import plots
 from tasks.runtime import partition_path
@@ -33,6 +34,12 @@ def _byte_rows(b: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def recalls(confusion: list[list[int]], labels: list[str]) -> str:
+    """Each true label's recall, e.g. "negative 0.81, neutral 0.93, positive 0.62"."""
+    return ", ".join(f"{label} {'-' if r is None else f'{r:.2f}'}"
+                     for label, r in zip(labels, recall_per_label(confusion), strict=True))
+
+
 def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -> str:
     test, priv, b = metrics["test"], metrics["privacy"], metrics["bytes"]
     zs, fin = test["zero_shot"], test["final"]
@@ -42,6 +49,7 @@ def format_summary(metrics: dict[str, Any], wall_seconds: float | None = None) -
         ("zero-shot accuracy / macro-F1", f"{zs['accuracy']:.4f} / {zs['macro_f1']:.4f}"),
         ("final accuracy / macro-F1", f"{fin['accuracy']:.4f} / {fin['macro_f1']:.4f}"),
         ("majority-class accuracy", f"{test['majority_class_accuracy']:.4f}"),
+        *([("final recall by true label", recalls(fin["confusion"], test["labels"]))] if "labels" in test else []),
         ("paper bound" if priv["mode"] == "paper" else "epsilon spent", eps),
         ("delta", f"{priv['delta']:g}" if priv["mode"] != "none" else "-"),
         ("guarantee", priv["guarantee"]),

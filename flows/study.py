@@ -102,6 +102,9 @@ def result_row(cell: Cell, metrics: dict[str, Any], training: dict[str, Any]) ->
         "val_loss": last.get("val_loss"),
         "test_accuracy": test["final"]["accuracy"],
         "test_macro_f1": test["final"]["macro_f1"],
+        # counts[t][p]: test examples of label t predicted p (absent from records written before 2026-12-07)
+        **({"test_confusion": {"labels": test["labels"], "counts": test["final"]["confusion"]}}
+           if "labels" in test else {}),
         "zero_shot_accuracy": test["zero_shot"]["accuracy"],
         "majority_class_accuracy": test["majority_class_accuracy"],
         "epsilon": priv["epsilon"],

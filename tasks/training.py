@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from dplora_core.batching import Encoded, encode
 from dplora_core.compression import decode_update, encode_update
 from dplora_core.config import ExperimentConfig, check_delta
 from dplora_core.data import Example
-from dplora_core.evaluate import accuracy, label_scores, label_word_loss, macro_f1
+from dplora_core.evaluate import accuracy, confusion_matrix, label_scores, label_word_loss, macro_f1
 from dplora_core.messages import ClientUpdate, GlobalModel
 from dplora_core.model import adapter_disabled, check_trainable, init_lora_state
 from dplora_core.prefix import FrozenPrefix
@@ -417,8 +418,9 @@ def sample_round_clients(cfg: ExperimentConfig, round_num: int) -> list[int]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[str, float]:
-    """Accuracy and macro-F1 on a split, with the given adapter (None: the base model, zero-shot)."""
+def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[str, Any]:
+    """Accuracy, macro-F1, label-word loss and the confusion matrix (rows: true label, columns: predicted, in
+    the task's label order) on a split, with the given adapter (None: the base model, zero-shot)."""
     prompts, gold, label_ids = eval_prompts(cfg, split)
     if adapter is None:
         key = (cfg.model, cfg.lora, cfg.data, cfg.evaluation, split)
@@ -431,6 +433,7 @@ def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[s
     return {
         "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
         "loss": label_word_loss(scores, gold), "n": len(gold),
+        "confusion": confusion_matrix(gold, preds, len(label_ids)),
     }
 
 

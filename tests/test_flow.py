@@ -35,6 +35,18 @@ def test_pipeline_writes_adapter_training_and_metrics(finished) -> None:
     assert 0 <= metrics["test"]["final"]["accuracy"] <= 1
 
 
+def test_metrics_hold_the_test_confusion_matrix_and_mlflow_each_labels_recall(finished) -> None:
+    cfg, metrics = finished
+    test, run_id = metrics["test"], metrics["mlflow_run_id"]
+    counts = test["final"]["confusion"]
+    assert len(counts) == len(test["labels"]) and sum(map(sum, counts)) == test["final"]["n"]
+    assert sum(counts[c][c] for c in range(len(counts))) / test["final"]["n"] == test["final"]["accuracy"]
+    logged = MlflowClient(cfg.tracking.mlflow_uri).get_run(run_id).data.metrics
+    for c, label in enumerate(test["labels"]):
+        if sum(counts[c]):
+            assert logged[f"test_recall_{label}"] == pytest.approx(counts[c][c] / sum(counts[c]))
+
+
 def test_pipeline_writes_the_numbers_dvc_compares(finished) -> None:
     cfg, metrics = finished
     summary = json.loads((cfg.run_dir / "summary.json").read_text())

@@ -329,15 +329,16 @@ ONE_ROUND = [{"round": 1, "val_accuracy": 0.7, "val_loss": 0.8}]
 
 
 def fake_pipeline(
-    calls: list[str], history: list[dict[str, float]] = ONE_ROUND
+    calls: list[str], history: list[dict[str, float]] = ONE_ROUND, test: dict[str, object] | None = None
 ) -> Callable[[ExperimentConfig, bool], dict[str, object]]:
-    """Stands in for `dplora_pipeline`: writes a finished run's training.json and metrics.json."""
+    """Stands in for `dplora_pipeline`: writes a finished run's training.json and metrics.json (`test`: extra
+    entries of its metrics' test section)."""
 
     def run(cfg: ExperimentConfig, resume: bool) -> dict[str, object]:
         calls.append(cfg.name)
         training = json.dumps({"config": cfg.model_dump(mode="json"), "history": history}).encode()
         metrics = {"test": {"final": {"accuracy": 0.75, "macro_f1": 0.6}, "zero_shot": {"accuracy": 0.36},
-                            "majority_class_accuracy": 0.59},
+                            "majority_class_accuracy": 0.59, **(test or {})},
                    "privacy": {"epsilon": None, "delta": None, "mode": "none", "accountant": None, "guarantee": "none"},
                    "bytes": {"up": 100}, "train_seconds": 1.0, "rounds": 1,
                    "training_sha256": hashlib.sha256(training).hexdigest()}
@@ -536,3 +537,13 @@ def test_a_run_the_budget_guard_stopped_before_its_first_round_still_has_a_row(
     results = run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
     assert [(r["name"], r["val_accuracy"], r["test_accuracy"]) for r in results["rows"]] == [
         ("r-low-s0", None, 0.75), ("r-low-s1", None, 0.75)]
+
+
+def test_a_run_s_record_keeps_its_test_confusion_matrix_with_its_labels(
+    tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = [[3, 1], [0, 4]]
+    labels = {"labels": ["no", "yes"], "final": {"accuracy": 0.875, "macro_f1": 0.87, "confusion": counts}}
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline([], test=labels))
+    results = run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
+    assert results["rows"][0]["test_confusion"] == {"labels": ["no", "yes"], "counts": counts}

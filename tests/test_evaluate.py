@@ -1,0 +1,33 @@
+"""Evaluation arithmetic: the confusion matrix, recall by label, and the metric names they travel under."""
+
+from __future__ import annotations
+
+from dplora_core.evaluate import accuracy, confusion_matrix, macro_f1, recall_per_label
+from flows.evaluate import evaluation_metrics, metric_key
+
+
+def test_the_confusion_matrix_counts_true_labels_by_row_and_predictions_by_column() -> None:
+    assert confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 1, 2], 3) == [[1, 1, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_recall_is_each_rows_diagonal_share_and_none_for_a_label_without_examples() -> None:
+    assert recall_per_label([[3, 1, 0], [0, 0, 0], [1, 1, 2]]) == [0.75, None, 0.5]
+
+
+def test_the_confusion_matrix_agrees_with_accuracy_and_macro_f1() -> None:
+    gold, pred = [0, 1, 1, 2, 2, 2, 0, 1], [0, 1, 2, 2, 0, 2, 0, 1]
+    counts = confusion_matrix(gold, pred, 3)
+    assert sum(counts[c][c] for c in range(3)) / len(gold) == accuracy(gold, pred)
+    f1 = [2 * counts[c][c] / (sum(counts[c]) + sum(row[c] for row in counts)) for c in range(3)]
+    assert sum(f1) / 3 == macro_f1(gold, pred, 3)
+
+
+def test_evaluation_metrics_name_each_labels_recall_and_skip_labels_without_examples() -> None:
+    scores = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0, "n": 4, "confusion": [[1, 1], [0, 0]]}
+    assert evaluation_metrics(scores, ["very bad", "good?"], prefix="test_") == {
+        "test_accuracy": 0.5, "test_macro_f1": 0.4, "test_loss": 1.0, "test_recall_very bad": 0.5,
+    }
+
+
+def test_a_label_outside_mlflows_metric_alphabet_is_made_safe() -> None:
+    assert metric_key("a/b:c?") == "a_b_c_"
