@@ -36,7 +36,8 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     if not gold:
         raise DataError(f"{config.data.prepared_dir}: the test split of {config.data.dataset} is empty")
     majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
-    labels = list(task_of(config).labels)
+    # the labels as the data names them (custom data: data.custom.labels, not the words the model answers)
+    labels = list(config.data.custom.labels) if config.data.custom is not None else list(task_of(config).labels)
     metrics = {
         # each confusion matrix: rows the true label, columns the predicted one, in the order of "labels"
         "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority, "labels": labels},
@@ -64,12 +65,15 @@ def evaluation_metrics(scores: dict[str, Any], labels: list[str], *, prefix: str
     """MLflow metrics of one test evaluation: accuracy, macro-F1, loss and each label's recall."""
     numbers = {f"{prefix}{k}": float(scores[k]) for k in ("accuracy", "macro_f1", "loss")}
     recalls = recall_per_label(scores["confusion"])
-    return numbers | {f"{prefix}recall_{metric_key(label)}": r for label, r in zip(labels, recalls, strict=True)
-                      if r is not None}
+    keys = [metric_key(label) for label in labels]
+    if len(set(keys)) < len(keys):  # two labels that differ only in characters metric_key replaces
+        keys = [str(c) for c in range(len(labels))]
+    return numbers | {f"{prefix}recall_{key}": r for key, r in zip(keys, recalls, strict=True) if r is not None}
 
 
 def metric_key(label: str) -> str:
-    """A label as part of an MLflow metric name (letters, digits, _ - . and spaces); others become _."""
+    """A label as part of an MLflow metric name: letters, digits, _ - . and spaces kept, anything else (even / and
+    :, which MLflow takes but which read as paths and differ by platform) becomes _."""
     return re.sub(r"[^\w\-. ]", "_", label)
 
 

@@ -531,7 +531,7 @@ def run_round(
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
-            "epsilon": epsilon if np.isfinite(epsilon) else None,  # None without DP, as in every file written
+            "epsilon": None if p.mode == "none" else epsilon,  # None without DP, as in every file written
             "clip_norm": state.clip_norm if p.mode == "client" else None,
             "bytes_up": None if private else round_up,
             "bytes_down": None if private else round_down,
@@ -740,7 +740,11 @@ def write_outputs(
 
 
 def _weighted_train_loss(updates: list[ClientUpdate]) -> float | None:
-    """Example-weighted mean of the clients' training losses; None under DP, where clients do not send them."""
+    """Example-weighted mean of the clients' training losses; None under DP, where clients do not send them, or
+    if a client without DP sent none (a silo whose loss was not finite: standard JSON carries it as null)."""
+    lost = [u.client_id for u in updates if u.train_loss is None and u.dp_run is None]
+    if lost:
+        get_run_logger().warning("clients %s trained without DP but sent no finite training loss (diverged?)", lost)
     if not updates or any(u.train_loss is None for u in updates):
         return None
     return float(np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates]))

@@ -23,10 +23,17 @@ def test_the_confusion_matrix_agrees_with_accuracy_and_macro_f1() -> None:
 
 
 def test_evaluation_metrics_name_each_labels_recall_and_skip_labels_without_examples() -> None:
-    scores = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0, "n": 4, "confusion": [[1, 1], [0, 0]]}
-    assert evaluation_metrics(scores, ["very bad", "good?"], prefix="test_") == {
+    scores = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0, "n": 4, "confusion": [[1, 1, 0], [0, 1, 0], [0, 0, 0]]}
+    assert evaluation_metrics(scores, ["very bad", "good?", "none"], prefix="test_") == {
         "test_accuracy": 0.5, "test_macro_f1": 0.4, "test_loss": 1.0, "test_recall_very bad": 0.5,
+        "test_recall_good_": 1.0,
     }
+
+
+def test_labels_that_would_share_a_metric_name_are_numbered_instead() -> None:
+    scores = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.0, "n": 4, "confusion": [[1, 1], [0, 2]]}
+    recalls = {k: v for k, v in evaluation_metrics(scores, ["a/b", "a?b"], prefix="").items() if "recall" in k}
+    assert recalls == {"recall_0": 0.5, "recall_1": 1.0}
 
 
 def test_a_label_outside_mlflows_metric_alphabet_is_made_safe() -> None:

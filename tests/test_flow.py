@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from dplora_core.adapters import AdapterError, from_bytes, to_bytes
 from dplora_core.messages import ClientUpdate
+from flows.evaluate import metric_key
 from flows.federated import client_base_dtypes
 from flows.pipeline import dplora_pipeline
 from tasks.training import aggregate, init_adapter, plan_noise
@@ -44,7 +45,7 @@ def test_metrics_hold_the_test_confusion_matrix_and_mlflow_each_labels_recall(fi
     logged = MlflowClient(cfg.tracking.mlflow_uri).get_run(run_id).data.metrics
     for c, label in enumerate(test["labels"]):
         if sum(counts[c]):
-            assert logged[f"test_recall_{label}"] == pytest.approx(counts[c][c] / sum(counts[c]))
+            assert logged[f"test_recall_{metric_key(label)}"] == pytest.approx(counts[c][c] / sum(counts[c]))
 
 
 def test_pipeline_writes_the_numbers_dvc_compares(finished) -> None:
@@ -405,6 +406,7 @@ def test_the_pipeline_runs_on_a_custom_csv_described_only_in_config(
     )
     metrics = dplora_pipeline(cfg)
     assert metrics["test"]["final"]["n"] == 16
+    assert metrics["test"]["labels"] == ["0", "1", "2"]  # the confusion matrix's rows, named as in the file
     prepared = (tmp_path / "prepared" / "custom-headlines" / "train.jsonl").read_text().splitlines()
     assert {json.loads(line)["label"] for line in prepared} <= {"negative", "neutral", "positive"}
 

@@ -309,8 +309,9 @@ def test_a_resumed_run_ends_with_what_it_spent_as_its_guarantee_tag(
     crash_after_round_2_uploads(cfg, monkeypatch)
     metrics = federated_finetune(cfg, resume=True)
     run = MlflowClient(cfg.tracking.mlflow_uri).get_run(metrics["mlflow_run_id"])
-    assert run.data.tags["dplora.guarantee"] == metrics["privacy"]["guarantee"]
-    assert not metrics["privacy"]["guarantee"].startswith("planned")
+    tag = run.data.tags["dplora.guarantee"]
+    assert tag == metrics["privacy"]["guarantee"], tag
+    assert tag.startswith(f"(epsilon = {metrics['privacy']['epsilon']:.3f},"), tag  # spent, not "planned: budget"
 
 
 def test_a_run_without_dp_resumes_from_its_standard_json_checkpoint(

@@ -543,7 +543,7 @@ def test_a_run_s_record_keeps_its_test_confusion_matrix_with_its_labels(
     tiny_model_dir: Path, raw_dir: Path, tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counts = [[3, 1], [0, 4]]
-    labels = {"labels": ["no", "yes"], "final": {"accuracy": 0.875, "macro_f1": 0.87, "confusion": counts}}
-    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline([], test=labels))
+    test = {"labels": ["no", "yes"], "final": {"accuracy": 0.875, "macro_f1": 0.87, "confusion": counts}}
+    monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline([], test=test))
     results = run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
     assert results["rows"][0]["test_confusion"] == {"labels": ["no", "yes"], "counts": counts}
