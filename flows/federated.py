@@ -527,7 +527,7 @@ def run_round(
             "clients": None if private else clients,
             "failed_clients": None if private else sorted(failed),
             "failures": None if private else len(failed),
-            "train_loss": _weighted_train_loss(updates),
+            "train_loss": _weighted_train_loss(updates, private=p.mode != "none"),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
@@ -739,10 +739,10 @@ def write_outputs(
     return summary
 
 
-def _weighted_train_loss(updates: list[ClientUpdate]) -> float | None:
-    """Example-weighted mean of the clients' training losses; None under DP, where clients do not send them, or
-    if a client without DP sent none (a silo whose loss was not finite: standard JSON carries it as null)."""
-    lost = [u.client_id for u in updates if u.train_loss is None and u.dp_run is None]
+def _weighted_train_loss(updates: list[ClientUpdate], *, private: bool) -> float | None:
+    """Example-weighted mean of the clients' training losses; None under DP (`private`), where clients do not send
+    them, or if a client without DP sent none (a silo whose loss was not finite: standard JSON carries it as null)."""
+    lost = [] if private else [u.client_id for u in updates if u.train_loss is None]
     if lost:
         get_run_logger().warning("clients %s trained without DP but sent no finite training loss (diverged?)", lost)
     if not updates or any(u.train_loss is None for u in updates):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from dplora_core.adapters import AdapterError, from_bytes, to_bytes
 from dplora_core.messages import ClientUpdate
 from flows.evaluate import metric_key
-from flows.federated import client_base_dtypes
+from flows.federated import _weighted_train_loss, client_base_dtypes
 from flows.pipeline import dplora_pipeline
 from tasks.training import aggregate, init_adapter, plan_noise
 from tests.helpers import tiny_config
@@ -458,3 +458,10 @@ def test_zero_shot_is_scored_once_per_setting_whatever_the_seed(finished, monkey
     forget_splits()  # the prepared splits were rewritten: nothing of the old ones may be reused
     with pytest.raises(AssertionError, match="scored again"):
         tasks.training.evaluate.fn(other_seed, None, "test")
+
+
+def test_under_dp_a_round_without_losses_is_no_loss_and_no_warning() -> None:
+    """Clients under DP (mode client included: no record-level run) send no loss; outside a flow a warning would
+    raise MissingContextError, so this also pins that nothing is logged."""
+    updates = [ClientUpdate(k, 1, 8, b"", None, None, "float32") for k in range(2)]
+    assert _weighted_train_loss(updates, private=True) is None
