@@ -44,10 +44,6 @@ def label_word_loss(scores: torch.Tensor, y_true: Sequence[int]) -> float:
     return float(torch.nn.functional.cross_entropy(scores, torch.tensor(list(y_true))))
 
 
-def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / max(len(y_true), 1)
-
-
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> list[list[int]]:
     """counts[t][p]: how many examples of true label t were predicted p, (num_labels, num_labels)."""
     counts = [[0] * num_labels for _ in range(num_labels)]
@@ -61,12 +57,17 @@ def recall_per_label(confusion: Sequence[Sequence[int]]) -> list[float | None]:
     return [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> float:
+def accuracy(confusion: Sequence[Sequence[int]]) -> float:
+    """Share of all examples on the diagonal (0 for no examples)."""
+    return sum(row[c] for c, row in enumerate(confusion)) / max(sum(map(sum, confusion)), 1)
+
+
+def macro_f1(confusion: Sequence[Sequence[int]]) -> float:
     """Unweighted mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never seen nor predicted scores 0."""
     scores = []
-    for c in range(num_labels):
-        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred, strict=True))
-        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred, strict=True))
-        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred, strict=True))
+    for c, row in enumerate(confusion):
+        tp = row[c]
+        fn = sum(row) - tp  # true c, predicted otherwise
+        fp = sum(other[c] for other in confusion) - tp  # predicted c, true otherwise
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / num_labels
+    return sum(scores) / len(confusion)

@@ -429,11 +429,10 @@ def evaluate(cfg: ExperimentConfig, adapter: bytes | None, split: str) -> dict[s
         scores = ZERO_SHOT_SCORES[key]
     else:
         scores = score_prompts(cfg, adapter, prompts, eval_prefix(cfg, split))
-    preds = scores.argmax(dim=1).tolist()
+    confusion = confusion_matrix(gold, scores.argmax(dim=1).tolist(), len(label_ids))
     return {
-        "accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds, len(label_ids)),
-        "loss": label_word_loss(scores, gold), "n": len(gold),
-        "confusion": confusion_matrix(gold, preds, len(label_ids)),
+        "accuracy": accuracy(confusion), "macro_f1": macro_f1(confusion),
+        "loss": label_word_loss(scores, gold), "n": len(gold), "confusion": confusion,
     }
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from sklearn import metrics as sklearn_metrics
+
 from dplora_core.evaluate import accuracy, confusion_matrix, macro_f1, recall_per_label
 from flows.evaluate import evaluation_metrics, metric_key
 
@@ -14,12 +17,17 @@ def test_recall_is_each_rows_diagonal_share_and_none_for_a_label_without_example
     assert recall_per_label([[3, 1, 0], [0, 0, 0], [1, 1, 2]]) == [0.75, None, 0.5]
 
 
-def test_the_confusion_matrix_agrees_with_accuracy_and_macro_f1() -> None:
-    gold, pred = [0, 1, 1, 2, 2, 2, 0, 1], [0, 1, 2, 2, 0, 2, 0, 1]
+def test_accuracy_and_macro_f1_from_the_confusion_matrix_match_scikit_learn() -> None:
+    gold, pred = [0, 1, 1, 2, 2, 2, 0, 1, 1], [0, 1, 2, 2, 0, 2, 0, 1, 0]
     counts = confusion_matrix(gold, pred, 3)
-    assert sum(counts[c][c] for c in range(3)) / len(gold) == accuracy(gold, pred)
-    f1 = [2 * counts[c][c] / (sum(counts[c]) + sum(row[c] for row in counts)) for c in range(3)]
-    assert sum(f1) / 3 == macro_f1(gold, pred, 3)
+    assert accuracy(counts) == pytest.approx(sklearn_metrics.accuracy_score(gold, pred), abs=1e-15)
+    assert macro_f1(counts) == pytest.approx(sklearn_metrics.f1_score(gold, pred, average="macro"), abs=1e-15)
+
+
+def test_a_label_never_seen_nor_predicted_counts_as_zero_f1() -> None:
+    counts = confusion_matrix([0, 0, 1], [0, 0, 1], 3)  # label 2: no examples, no predictions
+    assert macro_f1(counts) == pytest.approx(2 / 3)
+    assert accuracy(counts) == 1.0
 
 
 def test_evaluation_metrics_name_each_labels_recall_and_skip_labels_without_examples() -> None:
