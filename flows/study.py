@@ -4,8 +4,9 @@ Each cell is one `dplora-pipeline` subflow with its own run directory, MLflow ru
 killed study resumes where it stopped: finished cells are read back, the interrupted one continues
 from its last checkpoint. The results go to `outputs/<study>/results.json` and, if `results_doc` is
 set, into that markdown file between the study's markers, so a document's numbers always come
-from the command that produced them. A study with non-IID partitions also tabulates them per seed
-(each client's records and label skew, its noise multiplier) beside each cell's test accuracy.
+from the command that produced them. Runs that recorded a test confusion matrix add each label's recall;
+a study with non-IID partitions also tabulates them per seed (each client's records and label skew, its
+noise multiplier) beside each cell's test accuracy.
 
 A study with a `results_doc` also keeps one small JSON record per finished run beside it
 (`<doc dir>/results/runs/<study>/<run>.json`: the run's full config, its table row, its per-round
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -32,9 +34,10 @@ from pydantic import ValidationError
 
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint, set_aside
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
+from dplora_core.evaluate import recall_per_label
 from dplora_core.io import atomic_write, json_bytes, read_json
 from dplora_core.privacy.accountant import short_guarantee
-from dplora_core.study import Cell, StudyConfig, expand, selected, summarise
+from dplora_core.study import Cell, StudyConfig, expand, mean_sd, selected, summarise
 from flows.federated import checkpoint_config_changes
 from flows.pipeline import dplora_pipeline
 from flows.plots import study_bars, study_frontier
@@ -310,8 +313,8 @@ def publish(
                 title=f"study {study.name}: test accuracy against record-level epsilon, mean over seeds, bars one sd",
             ))
         links = "".join(f"![{p.stem}]({p.relative_to(doc.parent).as_posix()})\n" for p in images)
-        partitions = partition_table(cells, rows)
-        body = links + "\n" + results_table(results) + (f"\n\n{partitions}" if partitions else "")
+        tables = [results_table(results), recall_table(rows), partition_table(cells, rows)]
+        body = links + "\n" + "\n\n".join(t for t in tables if t)
         write_section(doc, study.name, body)
     for stale in {bars_png, frontier_png} - set(images):  # a plot the section no longer links
         stale.unlink(missing_ok=True)
@@ -360,6 +363,38 @@ def results_table(results: dict[str, Any]) -> str:
     if results["failed"]:
         lines += ["", "Failed cells (re-run the command to retry): " + ", ".join(sorted(results["failed"]))]
     return "\n".join(lines)
+
+
+def recall_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown, for the cells whose runs recorded a test confusion matrix: each true label's test recall and
+    how many test records were answered with each label, mean (± sd) over those runs; '' if none recorded one."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "test_confusion" in r:
+            groups.setdefault(tuple(r["levels"].values()), []).append(r)
+    if not groups:
+        return ""
+    first = next(iter(groups.values()))[0]
+    labels, support = first["test_confusion"]["labels"], [sum(row) for row in first["test_confusion"]["counts"]]
+    header = [*first["levels"], "runs", *[f"recall {label}" for label in labels],
+              "answers " + " / ".join(labels)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for levels, members in groups.items():
+        counts = [m["test_confusion"]["counts"] for m in members]  # each (L, L), rows the true label
+        recalls = [recall_per_label(c) for c in counts]
+        answered = [[sum(row[p] for row in c) for p in range(len(labels))] for c in counts]
+        lines.append("| " + " | ".join([
+            *levels, str(len(members)),
+            *[fmt(mean_sd([x for r in recalls if (x := r[i]) is not None]) if support[i] else None)
+              for i in range(len(labels))],
+            " / ".join(f"{statistics.fmean(a[p] for a in answered):.0f}" for p in range(len(labels))),
+        ]) + " |")
+    return "\n".join([
+        f"Test recall by true label (the test split holds {' / '.join(map(str, support))} records of "
+        f"{' / '.join(labels)}), from each run's confusion matrix, mean ± sd over the runs that recorded one "
+        "(from 2026-12-07); 'answers': how many test records were answered with each label, mean over them:",
+        "", *lines,
+    ])
 
 
 def partition_table(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> str:

@@ -547,3 +547,21 @@ def test_a_run_s_record_keeps_its_test_confusion_matrix_with_its_labels(
     monkeypatch.setattr(flows.study, "dplora_pipeline", fake_pipeline([], test=test))
     results = run_study(record_study(tiny_model_dir, raw_dir, tmp_path))
     assert results["rows"][0]["test_confusion"] == {"labels": ["no", "yes"], "counts": counts}
+
+
+def test_the_recall_table_averages_each_labels_recall_and_answers_over_seeds() -> None:
+    def row(cell: str, counts: list[list[int]]) -> dict[str, object]:
+        return {"levels": {"training": cell}, "test_confusion": {"labels": ["no", "yes"], "counts": counts}}
+
+    rows = [row("dp", [[3, 1], [2, 4]]), row("dp", [[1, 3], [0, 6]]), row("nodp", [[4, 0], [1, 5]]),
+            {"levels": {"training": "old"}}]  # a record from before the confusion matrix: no row
+    assert flows.study.recall_table(rows).splitlines()[2:] == [
+        "| training | runs | recall no | recall yes | answers no / yes |",
+        "|---|---|---|---|---|",
+        "| dp | 2 | 0.500 ± 0.354 | 0.833 ± 0.236 | 3 / 7 |",
+        "| nodp | 1 | 1.000 | 0.833 | 5 / 5 |",
+    ]
+
+
+def test_runs_without_a_confusion_matrix_give_no_recall_table() -> None:
+    assert flows.study.recall_table([{"levels": {"training": "old"}}]) == ""
