@@ -11,7 +11,8 @@ offset b per label, the first label's fixed at 0 (only differences matter), the 
 
 - `argmax`: b = 0, what the run reported;
 - `b from validation`: b that scores best on the validation records the run evaluated each round
-  (`data.max_validation_examples`; ties: the first in grid order). A server holding those records could
+  (`data.max_validation_examples`; of tied offsets, the smallest shift: least ||b - mean(b)||, which does
+  not depend on which label is pinned at 0). A server holding those records could
   apply it; it is post-processing of the released adapter, so the clients' guarantee is unchanged;
 - `b from test`: b that scores best on test itself. No rule may pick it; it is the ceiling of every
   offset rule, for this adapter and this test split.
@@ -50,6 +51,13 @@ def accuracies(scores: torch.Tensor, gold: torch.Tensor, grid: torch.Tensor, chu
     return torch.cat(out)
 
 
+def smallest_best(grid: torch.Tensor, accs: torch.Tensor) -> torch.Tensor:
+    """The offset of highest accuracy; of ties, the smallest shift (least ||b - mean(b)||): (L,)."""
+    tied = grid[accs == accs.max()]  # (k, L)
+    spread = (tied - tied.mean(dim=1, keepdim=True)).norm(dim=1)  # (k,)
+    return tied[int(spread.argmin())]
+
+
 def split_scores(cfg: ExperimentConfig, adapter: bytes, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(label-word scores (n, L), gold label indices (n,)) of a split, as evaluation computes them."""
     prompts, gold, _ = eval_prompts(cfg, split)
@@ -75,9 +83,10 @@ def main() -> None:
         test_scores, test_gold = split_scores(cfg, adapter, "test")
         grid = offset_grid(val_scores.shape[1], span=args.span, step=args.step)
         on_val, on_test = accuracies(val_scores, val_gold, grid), accuracies(test_scores, test_gold, grid)
-        b_val, b_test = grid[int(on_val.argmax())], grid[int(on_test.argmax())]
+        b_val, b_test = smallest_best(grid, on_val), smallest_best(grid, on_test)
         plain = accuracies(test_scores, test_gold, torch.zeros(1, grid.shape[1], dtype=torch.float64))
-        print(f"| {run.name} | {float(plain):.4f} | {float(on_test[int(on_val.argmax())]):.4f} | "
+        b_val_test = accuracies(test_scores, test_gold, b_val[None])
+        print(f"| {run.name} | {float(plain):.4f} | {float(b_val_test):.4f} | "
               f"{float(on_test.max()):.4f} | {offsets(b_val)} | {offsets(b_test)} |", flush=True)
 
 
