@@ -11,11 +11,11 @@ offset b per label, the first label's fixed at 0 (only differences matter), the 
 
 - `argmax`: b = 0, what the run reported;
 - `b from validation`: b that scores best on the validation records the run evaluated each round
-  (`data.max_validation_examples`; of tied offsets, the smallest shift: least ||b - mean(b)||, which does
-  not depend on which label is pinned at 0). A server holding those records could
-  apply it; it is post-processing of the released adapter, so the clients' guarantee is unchanged;
+  (`data.max_validation_examples`; of tied offsets, the smallest shift, least ||b - mean(b)||, which up to
+  the grid's edges does not depend on which label is pinned at 0). A server holding those records could
+  apply it: post-processing of the released adapter, so the clients' guarantee is unchanged;
 - `b from test`: b that scores best on test itself. No rule may pick it; it is the ceiling of every
-  offset rule, for this adapter and this test split.
+  offset on the grid, for this adapter and this test split.
 
 If the ceiling barely moves a run, its errors are not a matter of threshold: the adapter ranks the labels
 wrongly for those records, and no decision rule on these scores mends it.
