@@ -49,6 +49,11 @@ def main() -> None:
     if not seeds:
         raise SystemExit(f"{args.records}: no seed has a recorded confusion matrix for both cells")
     labels = low[seeds[0]]["labels"]
+    for seed in seeds:  # the split is exact only on one test split: the same labels, the same count of each
+        a, b = low[seed], high[seed]
+        if a["labels"] != labels or b["labels"] != labels or [sum(r) for r in a["counts"]] != [
+                sum(r) for r in b["counts"]]:
+            raise SystemExit(f"{args.records}: seed {seed}'s two runs were tested on different splits")
     print("| seed | accuracy gap | " + " | ".join(f"{y}: recall diff., share of gap" for y in labels) + " |")
     print("|---|---|" + "---|" * len(labels))
     for seed in seeds:

@@ -12,13 +12,15 @@ offset b per label, the first label's fixed at 0 (only differences matter), the 
 - `argmax`: b = 0, what the run reported;
 - `b from validation`: b that scores best on the validation records the run evaluated each round
   (`data.max_validation_examples`; of tied offsets, the smallest shift, least ||b - mean(b)||, which up to
-  the grid's edges does not depend on which label is pinned at 0). A server holding those records could
+  the grid's edges and exact ties in that norm does not depend on which label is pinned at 0). A server
+  holding those records could
   apply it: post-processing of the released adapter, so the clients' guarantee is unchanged;
 - `b from test`: b that scores best on test itself. No rule may pick it; it is the ceiling of every
   offset on the grid, for this adapter and this test split.
 
 If the ceiling barely moves a run, its errors are not a matter of threshold: the adapter ranks the labels
-wrongly for those records, and no decision rule on these scores mends it.
+wrongly for those records, and no shift of these scores mends it (other rules, e.g. a classifier fitted on
+the scores, are not measured here).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main() -> None:
         cfg = ExperimentConfig.model_validate(json.loads((run / "training.json").read_text())["config"])
         adapter = (run / "adapter.safetensors").read_bytes()
         val_scores, val_gold = split_scores(cfg, adapter, "validation")
+        if len(val_gold) == 0:
+            raise SystemExit(f"{run}: the config evaluates no validation records; nothing to choose an offset on")
         test_scores, test_gold = split_scores(cfg, adapter, "test")
         grid = offset_grid(val_scores.shape[1], span=args.span, step=args.step)
         on_val, on_test = accuracies(val_scores, val_gold, grid), accuracies(test_scores, test_gold, grid)

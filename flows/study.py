@@ -367,16 +367,22 @@ def results_table(results: dict[str, Any]) -> str:
 
 def recall_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown, for the cells whose runs recorded a test confusion matrix: each true label's test recall and
-    how many test records were answered with each label, mean (± sd) over those runs; '' if none recorded one."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        if "test_confusion" in r:
-            groups.setdefault(tuple(r["levels"].values()), []).append(r)
-    if not groups:
+    how many test records were answered with each label, mean (± sd) over those runs; '' if none recorded one.
+    A study's cells share one test split; a run whose test split differs from the first one's is left out."""
+    recorded = [r for r in rows if "test_confusion" in r]
+    if not recorded:
         return ""
-    first = next(iter(groups.values()))[0]
-    labels, support = first["test_confusion"]["labels"], [sum(row) for row in first["test_confusion"]["counts"]]
-    header = [*first["levels"], "runs", *[f"recall {label}" for label in labels],
+    first = recorded[0]["test_confusion"]
+    labels, support = first["labels"], [sum(row) for row in first["counts"]]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    other_split = []
+    for r in recorded:
+        c = r["test_confusion"]
+        if c["labels"] == labels and [sum(row) for row in c["counts"]] == support:
+            groups.setdefault(tuple(r["levels"].values()), []).append(r)
+        else:
+            other_split.append(r.get("name", "?"))
+    header = [*recorded[0]["levels"], "runs", *[f"recall {label}" for label in labels],
               "answers " + " / ".join(labels)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for levels, members in groups.items():
@@ -394,6 +400,7 @@ def recall_table(rows: Sequence[dict[str, Any]]) -> str:
         f"{' / '.join(labels)}), from each run's confusion matrix, mean ± sd over the runs that recorded one "
         "(from 2026-12-07); 'answers': how many test records were answered with each label, mean over them:",
         "", *lines,
+        *(["", "Left out, tested on another split: " + ", ".join(other_split)] if other_split else []),
     ])
 
 

@@ -565,3 +565,14 @@ def test_the_recall_table_averages_each_labels_recall_and_answers_over_seeds() -
 
 def test_runs_without_a_confusion_matrix_give_no_recall_table() -> None:
     assert flows.study.recall_table([{"levels": {"training": "old"}}]) == ""
+
+
+def test_the_recall_table_leaves_out_a_run_tested_on_another_split_and_dashes_a_label_without_records() -> None:
+    def row(name: str, counts: list[list[int]]) -> dict[str, object]:
+        return {"name": name, "levels": {"training": name},
+                "test_confusion": {"labels": ["no", "maybe", "yes"], "counts": counts}}
+
+    table = flows.study.recall_table([row("a", [[2, 0, 0], [0, 0, 0], [1, 0, 1]]),
+                                      row("b", [[1, 0, 0], [0, 1, 0], [0, 0, 1]])])
+    assert "| a | 1 | 1.000 | - | 0.500 | 3 / 0 / 1 |" in table.splitlines()
+    assert table.splitlines()[-1] == "Left out, tested on another split: b"
