@@ -16,18 +16,18 @@ confusion matrix and are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from dplora_core.evaluate import accuracy, recall_per_label
+from dplora_core.io import read_json
 
 
 def cell_runs(records: Path, levels: dict[str, str]) -> dict[int, dict[str, Any]]:
     """The test confusion of each seed's run of the cell with these levels: {seed: {labels, counts}}."""
     runs = {}
     for path in sorted(records.glob("*.json")):
-        row = json.loads(path.read_text())["row"]
+        row = read_json(path)["row"]
         if row["levels"] == levels and "test_confusion" in row:
             runs[row["seed"]] = row["test_confusion"]
     return runs

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
 
 from dplora_core.config import ExperimentConfig
+from dplora_core.io import read_json
 from tasks.runtime import eval_prefix, eval_prompts
 from tasks.training import score_prompts
 
@@ -79,7 +79,7 @@ def main() -> None:
     print("| run | test: argmax | b from validation | b from test (ceiling) | b from validation | b from test |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
-        cfg = ExperimentConfig.model_validate(json.loads((run / "training.json").read_text())["config"])
+        cfg = ExperimentConfig.model_validate(read_json(run / "training.json")["config"])
         adapter = (run / "adapter.safetensors").read_bytes()
         val_scores, val_gold = split_scores(cfg, adapter, "validation")
         if len(val_gold) == 0:
