@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dplora_core.evaluate import accuracy, recall_per_label
+from dplora_core.evaluate import accuracy, recall_per_label, true_counts
 from dplora_core.io import read_json
 
 
@@ -51,21 +51,21 @@ def main() -> None:
     labels = low[seeds[0]]["labels"]
     for seed in seeds:  # the split is exact only on one test split: the same labels, the same count of each
         a, b = low[seed], high[seed]
-        if a["labels"] != labels or b["labels"] != labels or [sum(r) for r in a["counts"]] != [
-                sum(r) for r in b["counts"]]:
+        if a["labels"] != labels or b["labels"] != labels or true_counts(a["counts"]) != true_counts(b["counts"]):
             raise SystemExit(f"{args.records}: seed {seed}'s two runs were tested on different splits")
     print("| seed | accuracy gap | " + " | ".join(f"{y}: recall diff., share of gap" for y in labels) + " |")
     print("|---|---|" + "---|" * len(labels))
     for seed in seeds:
         a, b = low[seed]["counts"], high[seed]["counts"]
-        n = sum(map(sum, b))
+        support = true_counts(b)
+        n = sum(support)
         recall_a, recall_b = recall_per_label(a), recall_per_label(b)
         cells = []
-        for row, ra, rb in zip(b, recall_a, recall_b, strict=True):
+        for true, ra, rb in zip(support, recall_a, recall_b, strict=True):
             if ra is None or rb is None:  # a label without test records
                 cells.append("-")
                 continue
-            cells.append(f"{100 * (rb - ra):+.1f}, {100 * sum(row) / n * (rb - ra):+.2f}")
+            cells.append(f"{100 * (rb - ra):+.1f}, {100 * true / n * (rb - ra):+.2f}")
         print(f"| {seed} | {100 * (accuracy(b) - accuracy(a)):+.2f} | " + " | ".join(cells) + " |")
 
 

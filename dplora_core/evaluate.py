@@ -52,22 +52,32 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_labels: i
     return counts
 
 
+def true_counts(confusion: Sequence[Sequence[int]]) -> list[int]:
+    """How many examples carry each true label: the row sums, (L,)."""
+    return [sum(row) for row in confusion]
+
+
+def answer_counts(confusion: Sequence[Sequence[int]]) -> list[int]:
+    """How many examples were predicted each label: the column sums, (L,)."""
+    return [sum(row[p] for row in confusion) for p in range(len(confusion))]
+
+
 def recall_per_label(confusion: Sequence[Sequence[int]]) -> list[float | None]:
     """Each true label's share of its examples predicted right (None for a label with no examples)."""
-    return [row[c] / sum(row) if sum(row) else None for c, row in enumerate(confusion)]
+    return [row[c] / n if n else None for c, (row, n) in enumerate(zip(confusion, true_counts(confusion), strict=True))]
 
 
 def accuracy(confusion: Sequence[Sequence[int]]) -> float:
     """Share of all examples on the diagonal (0 for no examples)."""
-    return sum(row[c] for c, row in enumerate(confusion)) / max(sum(map(sum, confusion)), 1)
+    return sum(row[c] for c, row in enumerate(confusion)) / max(sum(true_counts(confusion)), 1)
 
 
 def macro_f1(confusion: Sequence[Sequence[int]]) -> float:
     """Unweighted mean over labels of F1 = 2 TP / (2 TP + FP + FN); a label never seen nor predicted scores 0."""
     scores = []
-    for c, row in enumerate(confusion):
-        tp = row[c]
-        fn = sum(row) - tp  # true c, predicted otherwise
-        fp = sum(other[c] for other in confusion) - tp  # predicted c, true otherwise
+    for c, (true, answered) in enumerate(zip(true_counts(confusion), answer_counts(confusion), strict=True)):
+        tp = confusion[c][c]
+        fn = true - tp  # true c, predicted otherwise
+        fp = answered - tp  # predicted c, true otherwise
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return sum(scores) / len(confusion)

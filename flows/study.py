@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from dplora_core.checkpoint import RESUMABLE_SECTIONS, load_checkpoint, set_aside
 from dplora_core.config import ExperimentConfig, load_config, predating_fields
-from dplora_core.evaluate import recall_per_label
+from dplora_core.evaluate import answer_counts, recall_per_label, true_counts
 from dplora_core.io import atomic_write, json_bytes, read_json
 from dplora_core.privacy.accountant import short_guarantee
 from dplora_core.study import Cell, StudyConfig, expand, mean_sd, selected, summarise
@@ -373,12 +373,12 @@ def recall_table(rows: Sequence[dict[str, Any]]) -> str:
     if not recorded:
         return ""
     first = recorded[0]["test_confusion"]
-    labels, support = first["labels"], [sum(row) for row in first["counts"]]
+    labels, support = first["labels"], true_counts(first["counts"])
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     other_split = []
     for r in recorded:
         c = r["test_confusion"]
-        if c["labels"] == labels and [sum(row) for row in c["counts"]] == support:
+        if c["labels"] == labels and true_counts(c["counts"]) == support:
             groups.setdefault(tuple(r["levels"].values()), []).append(r)
         else:
             other_split.append(r.get("name", "?"))
@@ -388,7 +388,7 @@ def recall_table(rows: Sequence[dict[str, Any]]) -> str:
     for levels, members in groups.items():
         counts = [m["test_confusion"]["counts"] for m in members]  # each (L, L), rows the true label
         recalls = [recall_per_label(c) for c in counts]
-        answered = [[sum(row[p] for row in c) for p in range(len(labels))] for c in counts]
+        answered = [answer_counts(c) for c in counts]
         lines.append("| " + " | ".join([
             *levels, str(len(members)),
             *[fmt(mean_sd([x for r in recalls if (x := r[i]) is not None]) if support[i] else None)

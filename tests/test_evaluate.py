@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 from sklearn import metrics as sklearn_metrics
 
-from dplora_core.evaluate import accuracy, confusion_matrix, macro_f1, recall_per_label
+from dplora_core.evaluate import accuracy, answer_counts, confusion_matrix, macro_f1, recall_per_label, true_counts
 from flows.evaluate import evaluation_metrics, metric_key
 
 
 def test_the_confusion_matrix_counts_true_labels_by_row_and_predictions_by_column() -> None:
     assert confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 1, 2], 3) == [[1, 1, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_true_counts_are_row_sums_and_answer_counts_column_sums() -> None:
+    counts = [[3, 1, 0], [0, 0, 0], [1, 1, 2]]  # rows: true label; columns: predicted
+    assert (true_counts(counts), answer_counts(counts)) == ([4, 0, 4], [4, 2, 2])
 
 
 def test_recall_is_each_rows_diagonal_share_and_none_for_a_label_without_examples() -> None:
