@@ -365,6 +365,11 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def same_test_split(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' `test_confusion`s count the same test split: the same labels, as many of each."""
+    return bool(a["labels"] == b["labels"] and true_counts(a["counts"]) == true_counts(b["counts"]))
+
+
 def recall_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown, for the cells whose runs recorded a test confusion matrix: each true label's test recall and
     how many test records were answered with each label, mean (± sd) over those runs; '' if none recorded one.
@@ -377,8 +382,7 @@ def recall_table(rows: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     other_split = []
     for r in recorded:
-        c = r["test_confusion"]
-        if c["labels"] == labels and true_counts(c["counts"]) == support:
+        if same_test_split(r["test_confusion"], first):
             groups.setdefault(tuple(r["levels"].values()), []).append(r)
         else:
             other_split.append(r.get("name", "?"))
