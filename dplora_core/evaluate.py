@@ -64,7 +64,7 @@ def answer_counts(confusion: Sequence[Sequence[int]]) -> list[int]:
 
 def recall_per_label(confusion: Sequence[Sequence[int]]) -> list[float | None]:
     """Each true label's share of its examples predicted right (None for a label with no examples)."""
-    return [row[c] / n if n else None for c, (row, n) in enumerate(zip(confusion, true_counts(confusion), strict=True))]
+    return [confusion[c][c] / n if n else None for c, n in enumerate(true_counts(confusion))]
 
 
 def accuracy(confusion: Sequence[Sequence[int]]) -> float:
