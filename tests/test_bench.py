@@ -1,0 +1,34 @@
+"""The bench tables pasted into the docs are what the benches print today.
+
+Only the benches that run from a fresh clone in seconds (accountant arithmetic, committed study records);
+the others time the model or read a run's `outputs/`, which a clone does not have.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+PASTED = {
+    "snr_ceiling": (["bench/snr_ceiling.py"], "docs/results.md"),
+    "label_gap": (["bench/label_gap.py", "docs/results/runs/gap-by-label-fpb", "training=dp-eps8",
+                   "training=federated-nodp"], "docs/results.md"),
+}
+
+
+def table_lines(text: str) -> list[str]:
+    """The markdown table rows of a bench's output, in order."""
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("bench", sorted(PASTED))
+def test_the_docs_table_is_the_bench_output(bench: str) -> None:
+    argv, doc = PASTED[bench]
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    rows = table_lines(out)
+    assert len(rows) >= 3, f"{argv[0]} printed no table:\n{out}"
+    assert "\n".join(rows) in (ROOT / doc).read_text(), f"{doc}: the table of {argv[0]} is not its output now"
