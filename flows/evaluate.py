@@ -36,11 +36,13 @@ def evaluate_experiment(config: ExperimentConfig) -> dict[str, Any]:
     if not gold:
         raise DataError(f"{config.data.prepared_dir}: the test split of {config.data.dataset} is empty")
     majority = max(gold.count(c) for c in range(len(label_ids))) / len(gold)
-    # the labels as the data names them (custom data: data.custom.labels, not the words the model answers)
-    labels = list(config.data.custom.labels) if config.data.custom is not None else list(task_of(config).labels)
+    # the labels as the data names them (custom data: data.custom.labels), and the words the model answers
+    words = list(task_of(config).labels)
+    labels = list(config.data.custom.labels) if config.data.custom is not None else words
     metrics = {
         # each confusion matrix: rows the true label, columns the predicted one, in the order of "labels"
-        "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority, "labels": labels},
+        "test": {"zero_shot": zero_shot, "final": final, "majority_class_accuracy": majority, "labels": labels,
+                 "label_words": words},
         "privacy": {k: v for k, v in training["privacy"].items() if k not in ("ledgers", "server_view_ledgers")},
         "bytes": training["bytes"],
         "rounds": training["rounds"],

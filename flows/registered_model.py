@@ -35,4 +35,5 @@ class DpLoraClassifier(PythonModel):
         questions = [str(x.get("question", "")) for x in items] if any("question" in x for x in items) else []
         return predict_labels(self.config, self.adapter, [str(x["text"]) for x in items], questions)
 
+
 mlflow.models.set_model(DpLoraClassifier())

@@ -407,6 +407,7 @@ def test_the_pipeline_runs_on_a_custom_csv_described_only_in_config(
     metrics = dplora_pipeline(cfg)
     assert metrics["test"]["final"]["n"] == 16
     assert metrics["test"]["labels"] == ["0", "1", "2"]  # the confusion matrix's rows, named as in the file
+    assert metrics["test"]["label_words"] == ["negative", "neutral", "positive"]  # the words the model answered
     prepared = (tmp_path / "prepared" / "custom-headlines" / "train.jsonl").read_text().splitlines()
     assert {json.loads(line)["label"] for line in prepared} <= {"negative", "neutral", "positive"}
 
