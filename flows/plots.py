@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,13 @@ def study_bars(summary: Sequence[dict[str, Any]], path: Path, *, title: str) -> 
     return _save(fig, path)
 
 
+def no_dp_label(group: tuple[str, ...], level: str) -> str:
+    """Legend text of a run without DP on a frontier plot: its level, "(no DP)" added unless the name says so
+    (no-dp, nodp), after its group's levels when the study has other axes."""
+    name = level if re.search(r"no-?dp", level, flags=re.IGNORECASE) else f"{level} (no DP)"
+    return f"{' / '.join(group)}: {name}" if group else name
+
+
 def study_frontier(
     summary: Sequence[dict[str, Any]], modes: dict[tuple[str, ...], str], axis: str, path: Path, *, title: str
 ) -> Path:
@@ -196,7 +204,7 @@ def study_frontier(
         for s, style in zip(nodp, itertools.cycle(["--", (0, (6, 2, 1, 2)), (0, (1, 1))])):
             level = s["levels"][axis]
             ax.axhline(s["test_accuracy"][0], color=colour, linestyle=style, linewidth=1,
-                       label=f"{label}: {level}" + ("" if "dp" in level.lower() else " (no DP)"))
+                       label=no_dp_label(group, level))
     for key, label, style in (("zero_shot_accuracy", "zero-shot", "-."), ("majority_class_accuracy",
                                                                            "always the majority class", ":")):
         values = [s[key][0] for s in summary if s[key]]

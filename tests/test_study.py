@@ -18,6 +18,7 @@ from dplora_core.config import ConfigError, ExperimentConfig
 from dplora_core.io import json_bytes
 from dplora_core.study import StudyConfig, expand, summarise
 from flows.cli import main
+from flows.plots import no_dp_label
 from flows.study import finished_run, publish, run_study, set_aside_superseded, write_section
 from tests.helpers import tiny_config
 
@@ -256,6 +257,18 @@ def test_a_frontier_study_plots_accuracy_against_epsilon(tmp_path: Path) -> None
     publish(study, tmp_path / "outputs", rows, {}, planned=4)
     assert "![f-frontier](results/f-frontier.png)" in doc.read_text()
     assert (tmp_path / "results" / "f-frontier.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("group", "level", "label"), [
+    ((), "no-dp", "no-dp"),  # a study with one axis: no group to name, and never "record-level DP: no-dp"
+    (("iid",), "centralised", "iid: centralised (no DP)"),
+    (("dirichlet0.5",), "federated-nodp", "dirichlet0.5: federated-nodp"),
+    (("iid",), "dp-clip-off", "iid: dp-clip-off (no DP)"),  # "dp" in a name does not make it say no DP
+])
+def test_a_frontier_plot_labels_each_run_without_dp_by_its_level(
+    group: tuple[str, ...], level: str, label: str
+) -> None:
+    assert no_dp_label(group, level) == label
 
 
 def test_a_frontier_must_be_one_of_the_axes() -> None:
