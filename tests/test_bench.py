@@ -25,9 +25,9 @@ def table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-def table_under(header: str, text: str) -> list[str]:
-    """The whole table of a document that starts with this header row: the header and every `|` line after it."""
-    lines = text.splitlines()
+def table_under(header: str, lines: list[str]) -> list[str]:
+    """The whole table of a document's lines that starts with this header row: the header and every `|` line
+    after it."""
     start = lines.index(header)
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
@@ -40,6 +40,6 @@ def test_the_docs_table_is_the_bench_output(bench: str) -> None:
     assert done.returncode == 0, f"{argv[0]} failed:\n{done.stderr}"
     rows = table_lines(done.stdout)
     assert len(rows) >= 3, f"{argv[0]} printed no table:\n{done.stdout}"
-    text = (ROOT / doc).read_text()
-    assert rows[0] in text.splitlines(), f"{doc}: no table with the header of {argv[0]}'s"
-    assert table_under(rows[0], text) == rows, f"{doc}: the table of {argv[0]} is not its output now"
+    lines = (ROOT / doc).read_text().splitlines()
+    assert rows[0] in lines, f"{doc}: no table with the header of {argv[0]}'s"
+    assert table_under(rows[0], lines) == rows, f"{doc}: the table of {argv[0]} is not its output now"
